@@ -1,0 +1,278 @@
+"""GGUF checkpoints read as Hugging Face checkpoints.
+
+`GGUFSource` presents the tensors of a llama.cpp GGUF file under their transformers names and
+layouts, dequantised to float32 one tensor at a time; `gguf_hf_config` rebuilds the `config.json`
+dict from the GGUF metadata. Each llama.cpp architecture is one `GGUFArch` entry in `ARCHITECTURES`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import warnings
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, ReaderTensor
+from gguf.quants import dequantize
+
+# Rows dequantised per step: bounds a read's scratch memory to a few MB beyond its output.
+_CHUNK_ELEMENTS = 1 << 20
+
+_TOKENIZER_IDS = {
+    "tokenizer.ggml.bos_token_id": "bos_token_id",
+    "tokenizer.ggml.eos_token_id": "eos_token_id",
+    "tokenizer.ggml.padding_token_id": "pad_token_id",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class GGUFArch:
+    """How one llama.cpp architecture maps onto a transformers `model_type`.
+
+    `metadata` maps `<arch>.<key>` metadata keys (without the prefix) to HF config keys; when two
+    map to the same HF key the first present wins. `tensors` and `block` map GGUF tensor stems
+    (without `.weight` / `.bias`) to HF module paths, `block` ones under `model.layers.N`.
+    `rope_rows` names the block stems whose rows llama.cpp permuted for its rotary layout, with
+    the config key giving their head count. `flags` are config booleans true when a tensor exists.
+    `ignored` are derived tensors with no HF counterpart, with the warning their presence warrants.
+    """
+
+    model_type: str
+    architectures: tuple[str, ...]
+    metadata: Mapping[str, str]
+    tensors: Mapping[str, str]
+    block: Mapping[str, str]
+    defaults: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    rope_rows: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    flags: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    ignored: Mapping[str, str | None] = dataclasses.field(default_factory=dict)
+
+
+_LLAMA_METADATA = {
+    "vocab_size": "vocab_size",
+    "context_length": "max_position_embeddings",
+    "embedding_length": "hidden_size",
+    "feed_forward_length": "intermediate_size",
+    "block_count": "num_hidden_layers",
+    "attention.head_count": "num_attention_heads",
+    "attention.head_count_kv": "num_key_value_heads",
+    "attention.layer_norm_rms_epsilon": "rms_norm_eps",
+    "attention.key_length": "head_dim",
+    "rope.dimension_count": "head_dim",
+    "rope.freq_base": "rope_theta",
+}
+
+_LLAMA_TENSORS = {
+    "token_embd": "model.embed_tokens",
+    "output_norm": "model.norm",
+    "output": "lm_head",
+}
+
+_LLAMA_BLOCK = {
+    "attn_norm": "input_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_norm": "post_attention_layernorm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+
+ARCHITECTURES: dict[str, GGUFArch] = {
+    "llama": GGUFArch(
+        model_type="llama",
+        architectures=("LlamaForCausalLM",),
+        metadata=_LLAMA_METADATA,
+        tensors=_LLAMA_TENSORS,
+        block=_LLAMA_BLOCK,
+        defaults={"hidden_act": "silu", "rope_theta": 10000.0, "attention_bias": False, "mlp_bias": False},
+        rope_rows={"attn_q": "num_attention_heads", "attn_k": "num_key_value_heads"},
+        flags={"attention_bias": "blk.0.attn_q.bias", "mlp_bias": "blk.0.ffn_up.bias"},
+        ignored={
+            "rope_freqs": "llama.cpp's per-dimension rope frequency factors (llama3 rope scaling) "
+            "have no config.json equivalent and are dropped, as transformers does",
+        },
+    ),
+}
+
+
+def open_reader(path: str | os.PathLike[str]) -> GGUFReader:
+    """A memory-mapped `GGUFReader`; an unreadable file raises an error naming it."""
+    try:
+        return GGUFReader(path)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no such GGUF file: {path}") from None
+    except (ValueError, OSError, IndexError) as e:
+        raise ValueError(f"cannot read GGUF file {path}: {e}") from e
+
+
+def _architecture(reader: GGUFReader) -> tuple[str, GGUFArch]:
+    """The file's `general.architecture` and its table entry; raise if unsupported."""
+    arch = _field(reader, "general.architecture")
+    if arch not in ARCHITECTURES:
+        raise ValueError(
+            f"unsupported GGUF architecture {arch!r} in {_path(reader)}; "
+            f"supported: {', '.join(sorted(ARCHITECTURES))}"
+        )
+    return arch, ARCHITECTURES[arch]
+
+
+def gguf_hf_config(reader: GGUFReader | str | os.PathLike[str]) -> dict[str, Any]:
+    """An HF `config.json`-style dict built from the GGUF metadata (float32 weights)."""
+    if not isinstance(reader, GGUFReader):
+        reader = open_reader(reader)
+    name, arch = _architecture(reader)
+    config: dict[str, Any] = {"model_type": arch.model_type, "architectures": list(arch.architectures)}
+    for key, hf_key in arch.metadata.items():
+        value = _field(reader, f"{name}.{key}")
+        if value is not None and hf_key not in config:
+            config[hf_key] = _scalar(value, f"{name}.{key}")
+    for key, hf_key in _TOKENIZER_IDS.items():
+        if (value := _field(reader, key)) is not None:
+            config[hf_key] = value
+    if (scaling := _rope_scaling(reader, name)) is not None:
+        config["rope_scaling"] = scaling
+    tensors = {t.name: t for t in reader.tensors}
+    if "vocab_size" not in config and "token_embd.weight" in tensors:
+        config["vocab_size"] = int(tensors["token_embd.weight"].shape[-1])
+    config.setdefault("num_key_value_heads", config.get("num_attention_heads"))
+    for key, tensor in arch.flags.items():
+        config[key] = tensor in tensors
+    for key, value in arch.defaults.items():
+        config.setdefault(key, value)
+    config["tie_word_embeddings"] = "output.weight" not in tensors
+    config["torch_dtype"] = config["dtype"] = "float32"
+    return config
+
+
+class GGUFSource:
+    """A GGUF file's tensors under HF names in HF layout, dequantised to float32 lazily.
+
+    `read` dequantises one tensor, in row chunks written straight into the output (undoing
+    llama.cpp's q/k row permutation on the way), so only that tensor is ever materialised;
+    unquantised float32 tensors come back as read-only memory maps.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]):
+        self.path = str(path)
+        self.reader = open_reader(path)
+        self.architecture, arch = _architecture(self.reader)
+        self.config = gguf_hf_config(self.reader)
+        self._tensors: dict[str, tuple[ReaderTensor, int | None]] = {}
+        for tensor in self.reader.tensors:
+            mapped = _hf_name(arch, tensor.name)
+            if mapped is None:
+                continue
+            hf_name, stem = mapped
+            heads = self.config[arch.rope_rows[stem]] if stem in arch.rope_rows else None
+            self._tensors[hf_name] = (tensor, heads)
+
+    def keys(self) -> list[str]:
+        return list(self._tensors)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(int(d) for d in reversed(self._entry(name)[0].shape.tolist()))
+
+    def read(self, name: str) -> np.ndarray:
+        tensor, heads = self._entry(name)
+        shape = self.shape(name)
+        if tensor.tensor_type == GGMLQuantizationType.F32 and heads is None:
+            return tensor.data.reshape(shape)
+        out = np.empty(shape, np.float32)
+        dest = out.reshape(-1, shape[-1])
+        rows = tensor.data.reshape(dest.shape[0], -1)
+        order = None if heads is None else _llama_cpp_row_order(dest.shape[0], heads, name)
+        step = max(1, _CHUNK_ELEMENTS // shape[-1])
+        for start in range(0, dest.shape[0], step):
+            block = _dequantize(rows[start : start + step], tensor.tensor_type).reshape(-1, shape[-1])
+            dest[slice(start, start + step) if order is None else order[start : start + step]] = block
+        return out
+
+    def _entry(self, name: str) -> tuple[ReaderTensor, int | None]:
+        try:
+            return self._tensors[name]
+        except KeyError:
+            raise KeyError(f"no tensor {name!r} in {self.path}") from None
+
+    def __repr__(self) -> str:
+        return f"GGUFSource({self.path!r}, architecture={self.architecture!r}, tensors={len(self._tensors)})"
+
+
+def _llama_cpp_row_order(rows: int, heads: int, name: str) -> np.ndarray:
+    """`order[r]` is the HF row stored at GGUF row r.
+
+    llama.cpp's converter permutes q/k rows per head from HF's half-split rotary layout to
+    interleaved pairs: `w.reshape(heads, 2, rows // heads // 2, -1).swapaxes(1, 2)`; applying the
+    same permutation to row indices gives where each stored row came from.
+    """
+    if rows % (2 * heads):
+        raise ValueError(f"{name}: {rows} rows do not split into {heads} heads of even size")
+    return np.arange(rows).reshape(heads, 2, rows // heads // 2).swapaxes(1, 2).reshape(-1)
+
+
+def _dequantize(data: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
+    if data.dtype != np.uint8:  # F16 / F32 / F64 / integer types are stored unpacked
+        return data.astype(np.float32)
+    return dequantize(data, qtype)
+
+
+def _hf_name(arch: GGUFArch, name: str) -> tuple[str, str] | None:
+    """(HF name, GGUF stem) of a GGUF tensor name; None for derived tensors HF does not keep."""
+    if m := re.fullmatch(r"blk\.(\d+)\.(.+)\.(weight|bias)", name):
+        layer, stem, kind = m.groups()
+        if stem in arch.block:
+            return f"model.layers.{layer}.{arch.block[stem]}.{kind}", stem
+    elif m := re.fullmatch(r"(.+)\.(weight|bias)", name):
+        stem, kind = m.groups()
+        if stem in arch.tensors:
+            return f"{arch.tensors[stem]}.{kind}", stem
+    stem = name.rsplit(".", 1)[0].split(".")[-1]
+    if stem in arch.ignored:
+        if reason := arch.ignored[stem]:
+            warnings.warn(f"GGUF tensor {name}: {reason}", stacklevel=3)
+        return None
+    raise ValueError(f"GGUF tensor {name!r} has no Hugging Face counterpart in the {arch.model_type} table")
+
+
+def _field(reader: GGUFReader, key: str) -> Any:
+    """A metadata value (float32 values at their shortest decimal), or None when absent."""
+    field = reader.get_field(key)
+    if field is None:
+        return None
+    value = field.contents()
+    if field.types and field.types[-1] == GGUFValueType.FLOAT32:
+        # float32 1e-5 reads back as 9.99999974e-06: the shortest repr recovers the decimal written.
+        as_decimal = lambda v: float(str(np.float32(v)))
+        value = [as_decimal(v) for v in value] if isinstance(value, list) else as_decimal(value)
+    return value
+
+
+def _scalar(value: Any, key: str) -> Any:
+    """A per-layer array is accepted only when constant (one value for every layer)."""
+    if not isinstance(value, list):
+        return value
+    if len(set(value)) != 1:
+        raise ValueError(f"GGUF metadata {key} varies per layer ({value}); not supported")
+    return value[0]
+
+
+def _rope_scaling(reader: GGUFReader, name: str) -> dict[str, Any] | None:
+    kind = _field(reader, f"{name}.rope.scaling.type")
+    factor = _field(reader, f"{name}.rope.scaling.factor")
+    if kind is None and (linear := _field(reader, f"{name}.rope.scale_linear")) is not None:
+        kind, factor = "linear", linear
+    if kind in (None, "none") or (kind == "linear" and factor in (None, 1.0)):
+        return None
+    scaling: dict[str, Any] = {"rope_type": kind, "factor": factor}
+    if (original := _field(reader, f"{name}.rope.scaling.original_context_length")) is not None:
+        scaling["original_max_position_embeddings"] = original
+    return scaling
+
+
+def _path(reader: GGUFReader) -> str:
+    return str(getattr(reader.data, "filename", "<gguf>"))
