@@ -1,5 +1,6 @@
 """Tensor sources: safetensors round trips and errors; GGUF against transformers' own GGUF loading."""
 
+import functools
 import json
 import tracemalloc
 from pathlib import Path
@@ -75,6 +76,24 @@ def test_safetensors_sharded_roundtrip(tmp_path):
     _assert_roundtrip(source, tensors)
     with pytest.raises(KeyError, match="no tensor 'missing'"):
         source.read("missing")
+
+
+def test_read_slice_loads_device_shards(tmp_path):
+    """`read_slice` takes the index tuples jax hands to `make_array_from_callback`."""
+    import jax
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    tensors = _tensors(2)
+    _write_sharded(tmp_path, tensors)
+    source = SafetensorsSource(tmp_path)
+    mesh = jax.make_mesh((4, 2), ("fsdp", "tensor"))
+    for name, spec in [("model.embed_tokens.weight", P("fsdp", "tensor")), ("model.norm.weight", P())]:
+        sharding = NamedSharding(mesh, spec)
+        read = functools.partial(source.read_slice, name)
+        array = jax.make_array_from_callback(source.shape(name), sharding, read)
+        assert array.dtype == tensors[name].dtype and len(array.addressable_shards) == 8
+        np.testing.assert_array_equal(np.asarray(array), tensors[name])
 
 
 def test_corrupt_safetensors_names_the_file(tmp_path):
@@ -289,7 +308,7 @@ def test_synthetic_llama_gguf(tmp_path, monkeypatch, chunk):
     path = tmp_path / "tiny.gguf"
     hf, types = _write_llama_gguf(path, tied=False)
     config, source = open_source(path)
-    assert isinstance(source, GGUFSource) and source.path == str(path)
+    assert isinstance(source, GGUFSource) and isinstance(source, TensorSource) and source.path == str(path)
     assert config == {
         "model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": VOCAB,
         "max_position_embeddings": 2048, "hidden_size": HIDDEN, "intermediate_size": FFN,

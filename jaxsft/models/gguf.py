@@ -183,12 +183,15 @@ class GGUFSource:
         shape = self.shape(name)
         if tensor.tensor_type == GGMLQuantizationType.F32 and heads is None:
             return tensor.data.reshape(shape)
-        out = np.empty(shape, np.float32)
-        dest = out.reshape(-1, shape[-1])
-        rows = tensor.data.reshape(dest.shape[0], -1)
-        order = None if heads is None else _llama_cpp_row_order(dest.shape[0], heads, name)
+        n_rows = int(np.prod(shape[:-1]))
+        rows = tensor.data.reshape(n_rows, -1)
         step = max(1, _CHUNK_ELEMENTS // shape[-1])
-        for start in range(0, dest.shape[0], step):
+        if heads is None and n_rows <= step:
+            return _dequantize(rows, tensor.tensor_type).reshape(shape)
+        out = np.empty(shape, np.float32)
+        dest = out.reshape(n_rows, shape[-1])
+        order = None if heads is None else _llama_cpp_row_order(n_rows, heads, name)
+        for start in range(0, n_rows, step):
             block = _dequantize(rows[start : start + step], tensor.tensor_type).reshape(-1, shape[-1])
             dest[slice(start, start + step) if order is None else order[start : start + step]] = block
         return out
@@ -225,13 +228,14 @@ def _hf_name(arch: GGUFArch, name: str) -> tuple[str, str] | None:
     """(HF name, GGUF stem) of a GGUF tensor name; None for derived tensors HF does not keep."""
     if m := re.fullmatch(r"blk\.(\d+)\.(.+)\.(weight|bias)", name):
         layer, stem, kind = m.groups()
-        if stem in arch.block:
-            return f"model.layers.{layer}.{arch.block[stem]}.{kind}", stem
+        table, prefix = arch.block, f"model.layers.{layer}."
     elif m := re.fullmatch(r"(.+)\.(weight|bias)", name):
         stem, kind = m.groups()
-        if stem in arch.tensors:
-            return f"{arch.tensors[stem]}.{kind}", stem
-    stem = name.rsplit(".", 1)[0].split(".")[-1]
+        table, prefix = arch.tensors, ""
+    else:
+        table, prefix, stem, kind = {}, "", name, ""
+    if stem in table:
+        return f"{prefix}{table[stem]}.{kind}", stem
     if stem in arch.ignored:
         if reason := arch.ignored[stem]:
             warnings.warn(f"GGUF tensor {name}: {reason}", stacklevel=3)
@@ -246,10 +250,13 @@ def _field(reader: GGUFReader, key: str) -> Any:
         return None
     value = field.contents()
     if field.types and field.types[-1] == GGUFValueType.FLOAT32:
-        # float32 1e-5 reads back as 9.99999974e-06: the shortest repr recovers the decimal written.
-        as_decimal = lambda v: float(str(np.float32(v)))
-        value = [as_decimal(v) for v in value] if isinstance(value, list) else as_decimal(value)
+        value = [_decimal(v) for v in value] if isinstance(value, list) else _decimal(value)
     return value
+
+
+def _decimal(value: float) -> float:
+    """float32 1e-5 reads back as 9.99999974e-06: its shortest repr recovers the decimal written."""
+    return float(str(np.float32(value)))
 
 
 def _scalar(value: Any, key: str) -> Any:

@@ -34,8 +34,9 @@ class TensorSource(Protocol):
 class SafetensorsSource:
     """A safetensors checkpoint, single-file or sharded with `model.safetensors.index.json`.
 
-    Files are memory-mapped and opened on first use; headers alone give keys and shapes.
-    bfloat16 tensors come back as `ml_dtypes.bfloat16` arrays.
+    Files are memory-mapped and opened on first use; headers alone give keys and shapes. `read`
+    copies out one tensor, `read_slice` only the bytes of the slice. bfloat16 comes back as
+    `ml_dtypes.bfloat16`.
     """
 
     def __init__(self, path: str | os.PathLike[str]):
@@ -54,7 +55,7 @@ class SafetensorsSource:
 
     @property
     def files(self) -> list[Path]:
-        """The safetensors files holding the tensors, in order of first use by `keys()`."""
+        """The safetensors files holding the tensors, in key order."""
         return list(dict.fromkeys(self._files.values()))
 
     def keys(self) -> list[str]:
@@ -113,7 +114,7 @@ def open_source(path: str | os.PathLike[str]) -> tuple[dict[str, Any], TensorSou
     """(HF config dict, tensor source) for an HF model directory or a `.gguf` file."""
     path = Path(path)
     if path.is_file() and path.suffix == ".gguf":
-        from jaxsft.models.gguf import GGUFSource
+        from jaxsft.models.gguf import GGUFSource  # `gguf` imports mistral_common: ~1 s, only when needed
 
         source = GGUFSource(path)
         return dict(source.config), source
