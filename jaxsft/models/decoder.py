@@ -175,7 +175,7 @@ class Decoder(nnx.Module):
         causal = jnp.arange(key_valid.shape[1])[None, :] <= query_slot[:, None]  # [T, S]
         attn_mask = (causal[None] & key_valid[:, None, :])[:, None]  # [B, 1, T, S]
         rope = rotary_embedding(cfg.rope, cfg.max_position_embeddings)
-        cos_sin = rope.cos_sin(positions)
+        cos_sin = rope.cos_sin(positions, key_valid.shape[1] - (start + T))
 
         x = jnp.take(self.embed[...], input_ids, axis=0).astype(self.dtype)
         graphdef, stacked = nnx.split(self.layers)

@@ -122,6 +122,16 @@ def _to_ours(rule: Rule, hf_tensor: np.ndarray, params: dict[str, nnx.Variable])
     return {t: p.T for t, p in zip(rule.ours, parts)}
 
 
+def _read_part(source: TensorSource, rule: Rule, i: int | None, key: str, index: tuple[slice, ...],
+               params: dict[str, nnx.Variable]) -> np.ndarray:
+    """Our param `key`'s (one layer's) `index` block, reading only those bytes when the source can."""
+    name = _hf_name(rule, i)
+    if len(rule.ours) == 1 and hasattr(source, "read_slice"):
+        part = source.read_slice(name, index[::-1] if rule.linear else index)
+        return part.T if rule.linear else part
+    return _to_ours(rule, source.read(name), params)[key][index]
+
+
 def _check(cfg: ModelConfig, plan, params, source: TensorSource) -> None:
     """Missing, unexpected and mis-shaped tensors, all named in one error."""
     wanted = {_hf_name(r, i): (r, i) for r, i in plan}
@@ -187,7 +197,7 @@ def from_pretrained(path: str | os.PathLike, *, dtype: Any = jnp.float32, param_
         def read(index: tuple[slice, ...]) -> np.ndarray:
             picked = entries[index[0]] if stacked else entries
             inner = index[1:] if stacked else index
-            out = [_to_ours(r, source.read(_hf_name(r, i)), params)[key][inner].astype(var.dtype) for r, i in picked]
+            out = [_read_part(source, r, i, key, inner, params).astype(var.dtype) for r, i in picked]
             return np.stack(out) if stacked else out[0]
 
         return jax.make_array_from_callback(var.shape, sharding, read)

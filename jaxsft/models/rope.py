@@ -68,12 +68,17 @@ class RotaryEmbedding:
         else:
             raise ValueError(f"unsupported rope type {rope.type!r}")
 
-    def cos_sin(self, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """cos, sin of shape [batch, length, rotary_dim // 2], float32."""
+    def cos_sin(self, positions: jax.Array, to_come: jax.Array | int = 0) -> tuple[jax.Array, jax.Array]:
+        """cos, sin of shape [batch, length, rotary_dim // 2], float32.
+
+        longrope, like transformers, uses its long factors for a sequence longer than the original
+        context. The length counts the `to_come` tokens a KV cache still has room for, so a sequence
+        decoded step by step rotates exactly as its full forward does.
+        """
         inv_freq = jnp.asarray(self.inv_freq)
         if self.long_inv_freq is not None:
-            # transformers switches to the long factors once the sequence outgrows the original context.
-            longer = (jnp.max(positions, axis=-1, keepdims=True) + 1 > self.original_max)[..., None]
+            length = jnp.max(positions, axis=-1, keepdims=True) + 1 + to_come
+            longer = (length > self.original_max)[..., None]
             inv_freq = jnp.where(longer, jnp.asarray(self.long_inv_freq), inv_freq)
         angles = positions.astype(jnp.float32)[..., None] * inv_freq
         return jnp.cos(angles) * self.scale, jnp.sin(angles) * self.scale
