@@ -118,7 +118,7 @@ def _load_dir(directory: pathlib.Path) -> PreTrainedTokenizerFast:
 def _load_hub(repo_id: str) -> PreTrainedTokenizerFast:
     from huggingface_hub import constants, snapshot_download
 
-    offline = constants.is_offline_mode() if hasattr(constants, "is_offline_mode") else constants.HF_HUB_OFFLINE
+    offline = constants.is_offline_mode()
     try:
         local = snapshot_download(repo_id, allow_patterns=_TOKENIZER_FILES, local_files_only=offline)
     except Exception as e:  # the hub raises many types: missing repo, no network, offline cache miss
@@ -147,7 +147,7 @@ def _load_gguf(path: pathlib.Path) -> PreTrainedTokenizerFast:
             convert_gguf_tokenizer,
         )
     except ImportError as e:
-        raise ImportError("reading a GGUF tokenizer needs transformers.integrations.gguf (5.23 or newer)") from e
+        raise ImportError("a GGUF tokenizer needs transformers.integrations.gguf (5.23 or newer)") from e
 
     meta = gguf_metadata(path)
     if "tokenizer.ggml.tokens" not in meta:
@@ -161,11 +161,11 @@ def _load_gguf(path: pathlib.Path) -> PreTrainedTokenizerFast:
     pre = spec.get("pre_tokenizer_type")
     if spec.get("tokenizer_type") == "gpt2" and pre not in GGUF_PRE_TOKENIZER_SPLITS:
         if pre in _DIGIT_SPLIT_PRE:
-            backend.pre_tokenizer = pre_tokenizers.Sequence(
-                [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
-            )
+            digits = pre_tokenizers.Digits(individual_digits=True)
+            byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+            backend.pre_tokenizer = pre_tokenizers.Sequence([digits, byte_level])
         elif pre not in (None, "default", "gpt-2"):
-            warnings.warn(f"{path}: unknown GGUF pre-tokenizer {pre!r}; splitting text with GPT-2's regex")
+            warnings.warn(f"{path}: unknown GGUF pre-tokenizer {pre!r}; splitting with GPT-2's regex")
 
     tokens = spec["tokens"]
     specials = {
@@ -242,9 +242,10 @@ def special_tokens(tok: PreTrainedTokenizerBase) -> tuple[int | None, int]:
     """``(bos_id or None, eos_id)``: what to put before and after a text.
 
     BOS is the token the tokenizer's own post-processor puts before a text (Llama-2 ``<s>``,
-    Llama-3 ``<|begin_of_text|>``), None if it puts none (Qwen; SmolLM2, whose GGUF and HF configs
-    say ``add_bos_token=False`` although they name ``<|im_start|>`` as bos_token). To change it,
-    configure the tokenizer (e.g. ``tok.add_bos_token = True``). EOS is ``tok.eos_token_id``.
+    Llama-3 ``<|begin_of_text|>``), None if it puts none (Qwen2; SmolLM2, whose GGUF names
+    ``<|im_start|>`` as BOS but says ``add_bos_token=False``, as llama.cpp then adds none). To
+    change it, configure the tokenizer (``tok.add_bos_token = True``). EOS is ``tok.eos_token_id``
+    (e.g. Llama-3 base ``<|end_of_text|>``, instruct ``<|eot_id|>``; as the tokenizer config says).
     """
     eos = tok.eos_token_id
     if eos is None:
@@ -252,7 +253,8 @@ def special_tokens(tok: PreTrainedTokenizerBase) -> tuple[int | None, int]:
     probe = "a"
     plain = tok.encode(probe, add_special_tokens=False)
     full = tok.encode(probe, add_special_tokens=True)
-    head = next((i for i in range(len(full) - len(plain) + 1) if full[i : i + len(plain)] == plain), None)
+    positions = range(len(full) - len(plain) + 1)
+    head = next((i for i in positions if full[i : i + len(plain)] == plain), None)
     if head is None or head > 1:
         added = tok.convert_ids_to_tokens(full)
         raise ValueError(f"{tok.name_or_path}: cannot tell BOS from how {probe!r} is encoded: {added}")
@@ -263,7 +265,7 @@ def special_tokens(tok: PreTrainedTokenizerBase) -> tuple[int | None, int]:
 
 
 class Continuation(NamedTuple):
-    """``ids[start:]`` are the continuation's tokens: the ones to score."""
+    """``ids[start:]`` are the continuation's tokens: the ones to score (``start >= 1``)."""
 
     ids: list[int]  # [BOS] + tokens of prompt + continuation, encoded together
     start: int  # index in `ids` of the first continuation token
@@ -282,11 +284,22 @@ def encode_continuations(
     pairs = list(pairs)
     if any(not continuation for _, continuation in pairs):
         raise ValueError("empty continuation: nothing to score")
-    bos, _ = special_tokens(tok)
+    return _encode_pairs(tok, pairs, special_tokens(tok)[0])
+
+
+def _encode_pairs(
+    tok: PreTrainedTokenizerBase, pairs: list[tuple[str, str]], bos: int | None
+) -> list[Continuation]:
     head = [] if bos is None else [bos]
+    encoded = _encode_texts(tok, [prompt + continuation for prompt, continuation in pairs])
     out = []
-    for (prompt, _), (ids, offsets) in zip(pairs, _encode_texts(tok, [p + c for p, c in pairs])):
+    for i, ((prompt, _), (ids, offsets)) in enumerate(zip(pairs, encoded)):
         start, overlap = _split(offsets, len(prompt))
+        if not head and start == 0:
+            raise ValueError(
+                f"pair #{i}: the first continuation token starts the text (prompt {prompt!r}) and "
+                "there is no BOS: no token precedes it to predict it from"
+            )
         out.append(Continuation(head + ids, len(head) + start, overlap))
     return out
 
@@ -297,11 +310,11 @@ def _split(offsets: Sequence[Sequence[int]], boundary: int) -> tuple[int, int]:
     if start is None:
         raise ValueError("no token covers the text after the prompt")
     if any(e <= boundary and s < boundary for s, e in offsets[start + 1 :]):
-        raise RuntimeError(f"token offsets are not monotonic around character {boundary}: {list(offsets)}")
+        raise RuntimeError(f"token offsets are not monotonic around character {boundary}: {offsets}")
     return start, max(0, boundary - offsets[start][0])
 
 
-def _encode_texts(tok: PreTrainedTokenizerBase, texts: list[str]) -> list[tuple[list[int], list[tuple[int, int]]]]:
+def _encode_texts(tok: PreTrainedTokenizerBase, texts: list[str]) -> list[tuple[list[int], list]]:
     """Ids and character offsets of each text, without special tokens, in one batched call."""
     if not texts:
         return []
@@ -420,7 +433,9 @@ def encode_sft(
     """
     if truncation not in ("refuse", "left"):
         raise ValueError(f"truncation must be 'refuse' or 'left' for one item, not {truncation!r}")
-    examples, _ = encode_sft_batch(tok, [(question, answer)], template=template, max_length=max_length, truncation=truncation)
+    examples, _ = encode_sft_batch(
+        tok, [(question, answer)], template=template, max_length=max_length, truncation=truncation
+    )
     return examples[0]
 
 
@@ -444,15 +459,13 @@ def encode_sft_batch(
     items = list(items)
     bos, eos = special_tokens(tok)
     head = [] if bos is None else [bos]
-    prompts = [template.prompt(q) for q, _ in items]
-    texts = [p + template.target(a) for p, (_, a) in zip(prompts, items)]
+    pairs = [(template.prompt(q), template.target(a)) for q, a in items]
     examples, truncated, skipped, straddled, refused = [], [], [], [], []
     longest = 0
-    for i, (prompt, (ids, offsets)) in enumerate(zip(prompts, _encode_texts(tok, texts))):
-        start, overlap = _split(offsets, len(prompt))
-        if overlap:
+    for i, c in enumerate(_encode_pairs(tok, pairs, bos)):
+        if c.overlap:
             straddled.append(i)
-        body, target = ids[:start], ids[start:] + [eos]
+        body, target = c.ids[len(head) : c.start], c.ids[c.start :] + [eos]
         length = len(head) + len(body) + len(target)
         longest = max(longest, length)
         if max_length is not None and length > max_length:
@@ -467,7 +480,8 @@ def encode_sft_batch(
                 refused.append((i, items[i][0], length))
                 continue
         context = head + body
-        examples.append({"input_ids": context + target, "loss_mask": [0] * len(context) + [1] * len(target)})
+        mask = [0] * len(context) + [1] * len(target)
+        examples.append({"input_ids": context + target, "loss_mask": mask})
     if refused:
         raise SequenceTooLongError(refused, max_length)
     report = SFTReport(len(items), tuple(truncated), tuple(skipped), tuple(straddled), longest)

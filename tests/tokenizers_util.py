@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import base64
+import importlib.util
 import json
 import pathlib
 import re
@@ -16,18 +17,12 @@ import re
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 from transformers import LlamaTokenizer, PreTrainedTokenizerFast
 from transformers.convert_slow_tokenizer import bytes_to_unicode
+from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX as QWEN2_SPLIT
 
 QWEN_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
-# Qwen2's pre-tokenizer regex (transformers.models.qwen2.tokenization_qwen2.PRETOKENIZE_REGEX).
-QWEN2_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
-    r"|\s+(?!\S)|\s+"
-)
 
 
 def package_dir(name: str) -> pathlib.Path:
-    import importlib.util
-
     spec = importlib.util.find_spec(name)
     assert spec is not None and spec.submodule_search_locations, f"{name} is not installed"
     return pathlib.Path(list(spec.submodule_search_locations)[0])
@@ -49,19 +44,18 @@ def qwen2_tokenizer() -> PreTrainedTokenizerFast:
         if line:
             token, rank = line.split()
             ranks[base64.b64decode(token)] = int(rank)
-    table = bytes_to_unicode()
-    spell = [table[b] for b in range(256)]
+    spelling = bytes_to_unicode()  # byte -> the printable character byte-level BPE writes it as
 
     def text(b: bytes) -> str:
-        return "".join(spell[x] for x in b)
+        return b.decode("latin-1").translate(spelling)
 
-    pairs = []
-    for token, rank in ranks.items():
-        for i in range(1, len(token)):
-            left, right = ranks.get(token[:i]), ranks.get(token[i:])
-            if left is not None and right is not None:
-                pairs.append((rank, left, right, token[:i], token[i:]))
-    pairs.sort()
+    get = ranks.get
+    pairs = sorted(
+        (rank, get(token[:i]), get(token[i:]), token[:i], token[i:])
+        for token, rank in ranks.items()
+        for i in range(1, len(token))
+        if token[:i] in ranks and token[i:] in ranks
+    )
     bpe = models.BPE(
         {text(t): r for t, r in ranks.items()},
         [(text(a), text(b)) for *_, a, b in pairs],
