@@ -20,6 +20,12 @@ Conventions
 * Decoding: byte-level BPE decodes ``ids[start:]`` to the continuation exactly. HF's SentencePiece
   decoders strip one leading space from the decoded text, so there ``decode(ids[start:])`` is the
   continuation without its leading space (the ids themselves do contain ``"▁"``).
+* SFT (`encode_sft`): prompt and target are one text split the same way, so the trained tokens are
+  exactly the scored ones. When the prompt ends at a word boundary (the paper's ``" <|answer|>"``
+  does, and the target starts with a space) its tokens are also those of the prompt alone, i.e.
+  what the model reads before generating; `SFTReport.straddled` lists items split inside a token.
+  The paper's target ``" " + answer + " "`` ends in a space: its own token (``"Ġ"``, ``"▁"``) just
+  before EOS.
 """
 from __future__ import annotations
 
@@ -50,6 +56,7 @@ __all__ = [
     "encode_continuations",
     "encode_sft",
     "encode_sft_batch",
+    "gguf_metadata",
     "load_tokenizer",
     "special_tokens",
 ]
@@ -243,7 +250,7 @@ def special_tokens(tok: PreTrainedTokenizerBase) -> tuple[int | None, int]:
 
     BOS is the token the tokenizer's own post-processor puts before a text (Llama-2 ``<s>``,
     Llama-3 ``<|begin_of_text|>``), None if it puts none (Qwen2; SmolLM2, whose GGUF names
-    ``<|im_start|>`` as BOS but says ``add_bos_token=False``, as llama.cpp then adds none). To
+    ``<|im_start|>`` as BOS but says ``add_bos_token=False``, so llama.cpp adds none either). To
     change it, configure the tokenizer (``tok.add_bos_token = True``). EOS is ``tok.eos_token_id``
     (e.g. Llama-3 base ``<|end_of_text|>``, instruct ``<|eot_id|>``; as the tokenizer config says).
     """
@@ -310,7 +317,8 @@ def _split(offsets: Sequence[Sequence[int]], boundary: int) -> tuple[int, int]:
     if start is None:
         raise ValueError("no token covers the text after the prompt")
     if any(e <= boundary and s < boundary for s, e in offsets[start + 1 :]):
-        raise RuntimeError(f"token offsets are not monotonic around character {boundary}: {offsets}")
+        window = list(offsets[max(0, start - 2) : start + 8])
+        raise RuntimeError(f"token offsets are not monotonic around character {boundary}: {window}")
     return start, max(0, boundary - offsets[start][0])
 
 
