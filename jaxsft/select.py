@@ -1,0 +1,171 @@
+"""SFT training sets: facts of one memorization level, balanced across the in-domain relations.
+
+`python -m jaxsft.select --config=configs/demo.py --workdir=runs/demo --config.select.level=2`
+reads the scored facts (`<workdir>/memorization/*.parquet`) and writes
+`<workdir>/train_sets/level2-size60-seed0/` (datasets `save_to_disk`) with its `manifest.json`.
+
+Selection is a pure function of (scored facts, level, size, seed):
+
+- `level` 0-4 keeps the facts of that level; `mixed` keeps every level and balances the levels
+  inside each relation the same way relations are balanced.
+- `size` items are shared equally by the in-domain relations. A relation with fewer items than
+  its share gives all it has and the rest is shared by the others (water filling); the remainder
+  of an uneven split goes one item each to relations in a seed-keyed order.
+- Within a relation, items are taken in a seed-keyed permutation of their ids (row order does not
+  matter), so for one seed the 60 set is a subset of the 240 set, itself of the 1920 set.
+- When the level has fewer in-domain items than `size`, every item is taken and a warning says so;
+  the manifest keeps both the requested size and the count.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import zlib
+from collections.abc import Iterable, Mapping, Sequence
+
+import datasets
+import ml_collections
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from datasets.table import InMemoryTable
+from etils import epath
+
+from jaxsft import runtime
+from jaxsft.data.relations import ID_RELATIONS
+
+LEVELS = ("0", "1", "2", "3", "4")
+MIXED = "mixed"
+ALL = "all"
+
+
+def set_name(level: str | int, size: str | int, seed: int) -> str:
+    return f"level{level}-size{size}-seed{seed}"
+
+
+def allocate(available: Mapping[str, int], size: int, order: Sequence[str]) -> dict[str, int]:
+    """Share `size` items among groups with `available` items each, as equally as possible.
+
+    Groups are filled smallest first, each taking at most an equal share of what is left; ties
+    go in `order`, so the +1s of an uneven split land on the groups last in `order`.
+    """
+    rank = {g: i for i, g in enumerate(order)}
+    groups = sorted(available, key=lambda g: (available[g], rank[g]))
+    take, left = {}, size
+    for i, g in enumerate(groups):
+        take[g] = min(available[g], left // (len(groups) - i))
+        left -= take[g]
+    return {g: take[g] for g in order if g in take}
+
+
+def _permutation(ids: Sequence[str], seed: int, key: str) -> list[str]:
+    """The ids in an order fixed by (seed, key) and independent of the order they come in."""
+    rng = np.random.default_rng([seed, zlib.crc32(key.encode())])
+    ordered = sorted(ids)
+    return [ordered[i] for i in rng.permutation(len(ordered))]
+
+
+def select(scored: datasets.Dataset, level: str | int, size: str | int, seed: int, *,
+           relations: Sequence[str] = ID_RELATIONS, split: str = "train") -> datasets.Dataset:
+    """The training set of `level` (0-4 or mixed) and `size` (a count or all) drawn with `seed`.
+
+    Rows keep every column of `scored`; they are ordered by relation, then by selection order.
+    """
+    level, size = str(level), str(size)
+    if level not in (*LEVELS, MIXED):
+        raise ValueError(f"level must be one of {', '.join(LEVELS)} or {MIXED}, not {level!r}")
+    if size != ALL and not (size.isdigit() and int(size) > 0):
+        raise ValueError(f"size must be a positive count or {ALL!r}, not {size!r}")
+    cols = scored.select_columns(["id", "split", "relation", "level"]).to_dict()
+    groups: dict[str, dict[str, list[str]]] = {r: {} for r in relations}  # relation -> level -> ids
+    row_of: dict[str, int] = {}
+    for row, (id_, sp, relation, lv) in enumerate(zip(cols["id"], cols["split"], cols["relation"], cols["level"])):
+        if sp != split or relation not in groups or (level != MIXED and str(lv) != level):
+            continue
+        if id_ in row_of:
+            raise ValueError(f"fact id {id_!r} appears twice in the scored facts")
+        row_of[id_] = row
+        groups[relation].setdefault(str(lv), []).append(id_)
+
+    available = {r: sum(map(len, g.values())) for r, g in groups.items()}
+    total = sum(available.values())
+    wanted = total if size == ALL else int(size)
+    if wanted > total:
+        logging.warning("level %s has %d in-domain %s items, fewer than the %d requested: taking them all",
+                        level, total, split, wanted)
+    rng = np.random.default_rng([seed, zlib.crc32(b"relations")])
+    per_relation = allocate(available, min(wanted, total), [relations[i] for i in rng.permutation(len(relations))])
+    chosen: list[str] = []
+    for relation in relations:
+        by_level = groups[relation]
+        per_level = allocate({lv: len(ids) for lv, ids in by_level.items()}, per_relation[relation],
+                             [lv for lv in LEVELS if lv in by_level])
+        for lv, count in per_level.items():
+            chosen.extend(_permutation(by_level[lv], seed, f"{relation}/{lv}")[:count])
+    return scored.select([row_of[i] for i in chosen])
+
+
+def manifest(train_set: datasets.Dataset, level: str | int, size: str | int, seed: int,
+             sources: Iterable[str] = ()) -> dict:
+    """What a training set is: its recipe, counts per relation and level, and a fingerprint of its ids."""
+    cols = train_set.select_columns(["id", "relation", "level"]).to_dict()
+    count = lambda values: {str(k): int(v) for k, v in zip(*np.unique(np.asarray(values, str), return_counts=True))}
+    return dict(
+        level=str(level), size=str(size), seed=int(seed), count=len(train_set),
+        per_relation=count(cols["relation"]), per_level=count([str(v) for v in cols["level"]]),
+        ids_sha256=hashlib.sha256("\n".join(cols["id"]).encode()).hexdigest(),
+        sources=sorted(sources),
+    )
+
+
+def load_scored(directory: str | os.PathLike) -> datasets.Dataset:
+    """Every `*.parquet` shard of the memorization output, concatenated in file-name order."""
+    files = sorted(epath.Path(directory).glob("*.parquet"))
+    if not files:
+        raise FileNotFoundError(f"no scored facts (*.parquet) in {directory}: run `python -m jaxsft.score` first")
+    table = pa.concat_tables([pq.read_table(os.fspath(f)) for f in files], promote_options="default")
+    return datasets.Dataset(InMemoryTable(table))
+
+
+def build_training_set(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> datasets.Dataset:
+    """Select `cfg.select` from `<workdir>/memorization` and save it to `<workdir>/train_sets/<name>`.
+
+    A set already saved with the same ids is loaded as is; a different one is replaced.
+    """
+    s = cfg.select
+    workdir = epath.Path(workdir)
+    scored_dir = workdir / "memorization"
+    train_set = select(load_scored(scored_dir), s.level, s.size, s.seed, split=cfg.scoring.split)
+    info = manifest(train_set, s.level, s.size, s.seed, [f.name for f in scored_dir.glob("*.parquet")])
+    out = workdir / "train_sets" / set_name(s.level, s.size, s.seed)
+    if (out / "manifest.json").exists() and json.loads((out / "manifest.json").read_text()) == info:
+        return datasets.load_from_disk(os.fspath(out))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = epath.Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    train_set.save_to_disk(os.fspath(tmp))
+    runtime.atomic_write_json(tmp / "manifest.json", info)
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    logging.info("training set %s: %d items %s", out, info["count"], info["per_relation"])
+    return datasets.load_from_disk(os.fspath(out))
+
+
+def main() -> None:
+    """The CLI; its flags are defined here, so importing this module defines none."""
+    from absl import app, flags
+    from ml_collections import config_flags
+
+    config = config_flags.DEFINE_config_file("config", None, "experiment config file", lock_config=True)
+    workdir = flags.DEFINE_string("workdir", None, "experiment directory (holds memorization/)")
+    flags.mark_flags_as_required(["config", "workdir"])
+    app.run(lambda argv: build_training_set(config.value, workdir.value))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,46 @@
+"""`python -m jaxsft.train --config=configs/demo.py --workdir=runs/demo`: one fine-tuning run.
+
+The training set of `cfg.select` is built from `<workdir>/memorization` (see `jaxsft.select`) and
+the run writes to `<workdir>/sft/<level>-<size>-<seed>/` (`run_dir`): checkpoints, TensorBoard
+logs and the fine-tuned model in HF format (`model/`). Run it again to resume; SIGTERM checkpoints
+and exits 0.
+"""
+
+from __future__ import annotations
+
+import os
+
+import ml_collections
+from etils import epath
+
+from jaxsft import hardware, select
+from jaxsft.training import TrainResult, train
+
+
+def run_dir(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> epath.Path:
+    s = cfg.select
+    return epath.Path(workdir) / "sft" / select.set_name(s.level, s.size, s.seed)
+
+
+def run(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> TrainResult:
+    return train(cfg, run_dir(cfg, workdir), select.build_training_set(cfg, workdir))
+
+
+def main() -> None:
+    """The CLI; its flags are defined here, so importing this module defines none."""
+    from absl import app, flags
+    from ml_collections import config_flags
+
+    config = config_flags.DEFINE_config_file("config", None, "experiment config file", lock_config=True)
+    workdir = flags.DEFINE_string("workdir", None, "experiment directory (holds memorization/)")
+    flags.mark_flags_as_required(["config", "workdir"])
+    def _main(argv):
+        del argv
+        hardware.maybe_initialize_distributed()
+        run(config.value, workdir.value)
+
+    app.run(_main)
+
+
+if __name__ == "__main__":
+    main()

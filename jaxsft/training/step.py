@@ -1,0 +1,94 @@
+"""The train step: next-token loss on target tokens, gradient accumulation, one optimizer update.
+
+`compile_train_step` lowers and compiles it once, ahead of time, for one [batch, length] shape with
+the state and batch shardings of a mesh: a run never recompiles, and a batch of another shape is an
+error instead of a silent second compilation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from jaxsft.models import sharding
+
+BATCH_KEYS = ("input_ids", "attention_mask", "loss_mask")  # int32 [batch, length] each
+Batch = dict[str, jax.Array]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class TrainState:
+    step: jax.Array  # int32 []: optimizer updates done
+    params: nnx.State
+    opt_state: optax.OptState
+    rng: jax.Array  # uint32 [2]: the run's key data, for stochastic layers (fold in the step)
+
+
+def loss_sum(params: nnx.State, graphdef: nnx.GraphDef, batch: Batch) -> jax.Array:
+    """Summed cross-entropy of the target tokens: token t+1 is predicted at t and counts where
+    `loss_mask[t + 1]` is set; logits in float32 whatever the compute dtype."""
+    model = nnx.merge(graphdef, params)
+    logits = model(batch["input_ids"], batch["attention_mask"])[:, :-1].astype(jnp.float32)
+    nll = optax.softmax_cross_entropy_with_integer_labels(logits, batch["input_ids"][:, 1:])
+    return jnp.sum(jnp.where(batch["loss_mask"][:, 1:] > 0, nll, 0.0))
+
+
+def loss_and_grads(params: nnx.State, graphdef: nnx.GraphDef, batch: Batch, accum: int = 1
+                   ) -> tuple[jax.Array, nnx.State]:
+    """Mean target-token loss over the whole batch and its gradient, summed over `accum` microbatches.
+
+    Microbatch k takes rows k, k + accum, ...: a reshape that keeps each device's rows on it.
+    """
+    tokens = jnp.maximum(jnp.sum(batch["loss_mask"][:, 1:]), 1).astype(jnp.float32)
+    grad_fn = jax.value_and_grad(lambda p, b: loss_sum(p, graphdef, b) / tokens)
+    if accum == 1:
+        return grad_fn(params, batch)
+    micro = jax.tree.map(lambda x: x.reshape(-1, accum, *x.shape[1:]).swapaxes(0, 1), batch)
+    zero = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
+    (loss, grads), _ = jax.lax.scan(lambda acc, b: (jax.tree.map(jnp.add, acc, grad_fn(params, b)), None),
+                                    zero, micro)
+    return loss, grads
+
+
+def train_step(state: TrainState, batch: Batch, *, graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
+               schedule: optax.Schedule, accum: int) -> tuple[TrainState, dict[str, jax.Array]]:
+    loss, grads = loss_and_grads(state.params, graphdef, batch, accum)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    metrics = dict(loss=loss, grad_norm=optax.global_norm(grads), learning_rate=schedule(state.step))
+    return TrainState(state.step + 1, optax.apply_updates(state.params, updates), opt_state, state.rng), metrics
+
+
+def shardings(tree, mesh: Mesh):
+    """NamedShardings of a pytree whose params (and their optimizer moments) are nnx Variables:
+    each from its logical axes, everything else (counters, keys) replicated."""
+    replicated = NamedSharding(mesh, PartitionSpec())
+    return jax.tree.map(lambda x: sharding.variable_sharding(x, mesh) if isinstance(x, nnx.Variable) else replicated,
+                        tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def abstract(tree, tree_shardings):
+    """ShapeDtypeStructs carrying the target shardings: what to compile for, and restore onto."""
+    leaves, treedef = jax.tree.flatten(tree)  # a Variable's one child is its value: leaves pair up
+    return treedef.unflatten([jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
+                              for x, s in zip(leaves, jax.tree.leaves(tree_shardings), strict=True)])
+
+
+def compile_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, schedule: optax.Schedule,
+                       accum: int, state: TrainState, mesh: Mesh, batch_shape: tuple[int, int]
+                       ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
+    """`train_step` compiled for `batch_shape`, state sharded by its logical axes and donated."""
+    state_sharding = shardings(state, mesh)
+    batch_sharding = sharding.batch_sharding(mesh)
+    step = jax.jit(functools.partial(train_step, graphdef=graphdef, tx=tx, schedule=schedule, accum=accum),
+                   in_shardings=(state_sharding, batch_sharding),
+                   out_shardings=(state_sharding, NamedSharding(mesh, PartitionSpec())), donate_argnums=0)
+    batch = {k: jax.ShapeDtypeStruct(batch_shape, jnp.int32, sharding=batch_sharding) for k in BATCH_KEYS}
+    return step.lower(abstract(state, state_sharding), batch).compile()

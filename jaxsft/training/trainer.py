@@ -1,0 +1,209 @@
+"""One fine-tuning run: a training set in, a fine-tuned HF model out; resumable at any checkpoint.
+
+`<workdir>/` of a run holds `checkpoints/`, `tensorboard/`, `model/` (the export) and
+`train_summary.json`. Started again on the same workdir, a run continues from its latest
+checkpoint and ends bit-identical to one never stopped. SIGTERM saves a checkpoint and returns.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import math
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import datasets
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import tensorboardX
+import tqdm
+from etils import epath
+from flax import nnx
+
+from jaxsft import hardware, models, runtime
+from jaxsft.models import sharding
+from jaxsft.training import data, optim
+from jaxsft.training.checkpoint import Checkpoints
+from jaxsft.training.step import TrainState, abstract, compile_train_step, shardings
+
+# Dense bf16 peak FLOP/s per device for MFU. CPUs have no meaningful figure: a nominal one is used.
+GPU_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12, "V100": 125e12}
+TPU_KINDS = {"v4": "v4", "v5 lite": "v5e", "v5e": "v5e", "v5p": "v5p", "v5": "v5p", "v6 lite": "v6e", "v6e": "v6e"}
+CPU_PEAK_FLOPS = 1e11
+
+
+@dataclasses.dataclass
+class TrainResult:
+    model: models.Decoder  # the fine-tuned model (as far as the run got)
+    step: int  # optimizer steps done
+    total_steps: int
+    preempted: bool  # stopped by SIGTERM: a checkpoint was saved, the model was not exported
+    history: list[dict[str, float]]  # per-step metrics of this process
+
+
+def peak_flops(device: jax.Device) -> float:
+    kind = device.device_kind
+    if device.platform == "tpu":
+        name = kind.lower().removeprefix("tpu").strip()
+        for prefix in sorted(TPU_KINDS, key=len, reverse=True):
+            if name.startswith(prefix):
+                return hardware.CHIPS[TPU_KINDS[prefix]].peak_bf16_flops
+    for name, flops in GPU_PEAK_FLOPS.items():
+        if name in kind:
+            return flops
+    return CPU_PEAK_FLOPS
+
+
+@contextlib.contextmanager
+def _sigterm_flag() -> Iterator[threading.Event]:
+    """An event set by SIGTERM while inside (only the main thread can take signals)."""
+    flag = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+    previous = signal.signal(signal.SIGTERM, lambda *_: flag.set())
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _write(path: epath.Path, text: str) -> None:
+    """Write through a temporary sibling renamed over `path` (replacing an older file)."""
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _check_position(saved: dict[str, Any], expected: dict[str, Any], where: epath.Path) -> None:
+    keys = ("batch_size", "seed", "num_items", "data_sha256")
+    diff = {k: (saved.get(k), expected[k]) for k in keys if saved.get(k) != expected[k]}
+    if diff:
+        raise ValueError(f"the checkpoint in {where} was trained on other data or order "
+                         f"(checkpoint vs now: {diff}); use another workdir")
+
+
+def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, train_set: datasets.Dataset, *,
+          mesh: jax.sharding.Mesh | None = None, max_steps: int | None = None) -> TrainResult:
+    """Fine-tune `cfg.model` on `train_set` (rows with `question` and `answers`) as `cfg.train` says.
+
+    `max_steps` stops this call after that many steps (a checkpoint is saved there), as a job
+    with a time budget would; the next call on the same workdir goes on.
+    """
+    t = cfg.train
+    workdir = epath.Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    _write(workdir / "config.json", cfg.to_json_best_effort(indent=2))
+    mesh = mesh or runtime.make_mesh(cfg)
+    replicas = mesh.shape["data"] * mesh.shape["fsdp"]
+    if t.batch_size % t.grad_accum or (t.batch_size // t.grad_accum) % replicas:
+        raise ValueError(f"batch_size {t.batch_size} must split into grad_accum={t.grad_accum} microbatches "
+                         f"that divide over data x fsdp = {replicas} devices")
+
+    examples = data.encode(train_set, runtime.load_tokenizer(cfg), cfg)
+    if not len(examples):
+        raise ValueError("the training set is empty")
+    model = runtime.load_model(cfg, mesh)
+    if examples.input_ids.max() >= model.cfg.vocab_size:
+        raise ValueError(f"token id {examples.input_ids.max()} is outside the model's vocabulary "
+                         f"({model.cfg.vocab_size}): tokenizer and model do not match")
+    graphdef, params = nnx.split(model)
+    del model
+    total = t.epochs * data.steps_per_epoch(len(examples), t.batch_size)
+    tx, schedule = optim.optimizer(t, total)
+
+    def init(p):
+        return TrainState(jnp.zeros((), jnp.int32), p, tx.init(p), jax.random.key_data(jax.random.key(t.seed)))
+
+    state_shape = jax.eval_shape(init, params)
+    state_sharding = shardings(state_shape, mesh)
+    ckpts = Checkpoints(workdir / "checkpoints", t.keep_checkpoints)
+    restored = ckpts.restore(abstract(state_shape, state_sharding))
+    if restored is None:
+        state = jax.jit(init, out_shardings=state_sharding, donate_argnums=0)(params)
+    else:
+        state, saved = restored
+        _check_position(saved, data.position(examples, 0, t.batch_size, t.seed), ckpts.directory)
+        logging.info("resuming from step %d of %d (%s)", int(state.step), total, ckpts.directory)
+    del params
+    step_fn = compile_train_step(graphdef, tx, schedule, t.grad_accum, state_shape, mesh,
+                                 (t.batch_size, t.max_length))
+
+    start = int(state.step)
+    end = total if max_steps is None else min(total, start + max_steps)
+    n_params = sum(x.size for x in jax.tree.leaves(state_shape.params))
+    peak = peak_flops(mesh.devices.flat[0]) * mesh.size
+    tokens_per_step = t.batch_size * t.max_length  # processed, padding included: what the devices compute
+    logging.info("training %d params on %d items: steps %d-%d of %d, mesh %s, MFU against %.3g FLOP/s",
+                 n_params, len(examples), start, end, total, dict(mesh.shape), peak)
+    batch_sharding = sharding.batch_sharding(mesh)
+    writer = tensorboardX.SummaryWriter(os.fspath(workdir / "tensorboard"), purge_step=start or None)
+    bar = tqdm.tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True)
+    history: list[dict[str, float]] = []
+    clock = [time.perf_counter()]
+
+    def record(step: int, metrics: dict[str, jax.Array]) -> None:
+        m = {k: float(v) for k, v in jax.device_get(metrics).items()}  # waits for the step
+        now = time.perf_counter()
+        seconds, clock[0] = now - clock[0], now
+        if not (math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"])):
+            raise FloatingPointError(f"training diverged at step {step}: loss {m['loss']}, gradient norm "
+                                     f"{m['grad_norm']}; last checkpoint: {ckpts.latest_step()}")
+        m.update(step_seconds=seconds, tokens_per_sec=tokens_per_step / seconds,
+                 mfu=6 * n_params * tokens_per_step / (seconds * peak))
+        history.append(dict(step=step, **m))
+        for k, v in m.items():
+            writer.add_scalar(f"train/{k}", v, step)
+        bar.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{m['learning_rate']:.2e}", tok_s=f"{m['tokens_per_sec']:.0f}")
+        bar.update(1)
+
+    def save(step: int) -> None:
+        ckpts.save(step, state, data.position(examples, step, t.batch_size, t.seed))
+        clock[0] = time.perf_counter()  # the next step's time excludes the save
+
+    pending = None
+    preempted = False
+    try:
+        with _sigterm_flag() as sigterm:
+            for step in range(start, end):
+                batch = {k: jax.make_array_from_process_local_data(batch_sharding, v)
+                         for k, v in data.batch(examples, step, t.batch_size, t.seed).items()}
+                state, metrics = step_fn(state, batch)
+                if pending:  # read the previous step's metrics while this one runs
+                    record(*pending)
+                pending = (step, metrics)
+                done = step + 1
+                preempted = sigterm.is_set() and done < total
+                if preempted or done == end or (t.checkpoint_every and done % t.checkpoint_every == 0):
+                    record(*pending)  # never checkpoint a state whose loss was not checked
+                    pending = None
+                    save(done)
+                if preempted:
+                    logging.warning("SIGTERM: saved a checkpoint at step %d of %d, stopping", done, total)
+                    break
+        ckpts.wait()
+    finally:
+        bar.close()
+        writer.close()
+        ckpts.close()
+
+    model = nnx.merge(graphdef, state.params)
+    done = int(state.step)
+    if done == total:
+        models.save_pretrained(model, workdir / "model")
+        last = history[-1] if history else {}
+        _write(workdir / "train_summary.json", json.dumps(dict(
+            steps=total, items=len(examples), params=n_params, encoding=str(examples.report),
+            truncated=len(examples.report.truncated), final_loss=last.get("loss"),
+            tokens_per_sec=float(np.median([h["tokens_per_sec"] for h in history])) if history else None,
+            peak_flops=peak, mesh=dict(mesh.shape)), indent=2))
+    return TrainResult(model, done, total, preempted, history)
