@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from conftest import SHARED_EQ
 from jaxsft import data
-from jaxsft.data import answers, entity_questions, shipped, templates
+from jaxsft.data import answers, entity_questions, shipped
 from jaxsft.data.relations import ALL_RELATIONS, ID_RELATIONS, OOD_RELATIONS, role
 
 OFFICIAL_COUNTS = {"train": 176_560, "dev": 22_068, "test": 22_075}
@@ -69,7 +69,8 @@ def test_shipped_copy_equals_official_files(official):
         assert set(by_relation) == set(ALL_RELATIONS)
         assert sum(map(len, by_relation.values())) == OFFICIAL_COUNTS[split]
         assert json.loads(gzip.decompress(entity_questions.shipped_path(split).read_bytes())) == by_relation
-    for name, copy in (("LICENSE", shipped.LICENSE_FILE), ("relation_query_templates.json", "relation_query_templates.json")):
+    copies = {"LICENSE": shipped.LICENSE_FILE, "relation_query_templates.json": "relation_query_templates.json"}
+    for name, copy in copies.items():
         assert (entity_questions.PACKAGE_DIR / copy).read_bytes() == (SHARED_EQ / name).read_bytes()
 
 
@@ -204,7 +205,8 @@ def test_missing_directory(tmp_path):
 
 
 def test_missing_relation_file(tmp_path):
-    _write_json(tmp_path / "dev" / "P17.dev.json", [{"question": "Which country is Paris located in?", "answers": ["France"]}])
+    paris = {"question": "Which country is Paris located in?", "answers": ["France"]}
+    _write_json(tmp_path / "dev" / "P17.dev.json", [paris])
     assert data.load(tmp_path, splits="dev", relations="P17")["subject"] == ["Paris"]
     with pytest.raises(FileNotFoundError, match=r"P19\.dev\.json or P19\.dev\.jsonl"):
         data.load(tmp_path, splits="dev", relations=["P17", "P19"])
@@ -213,7 +215,8 @@ def test_missing_relation_file(tmp_path):
 def test_malformed_json_file(tmp_path):
     file = tmp_path / "dev" / "P17.dev.json"
     file.parent.mkdir()
-    file.write_text('[{"question": "Which country is Paris located in?", "answers": ["France"]},\n {"question": ', encoding="utf-8")
+    paris = '{"question": "Which country is Paris located in?", "answers": ["France"]}'
+    file.write_text(f'[{paris},\n {{"question": ', encoding="utf-8")
     with pytest.raises(data.DataFormatError, match=rf"{re.escape(str(file))}: invalid JSON at line 2"):
         data.load(tmp_path, splits="dev", relations="P17")
 
@@ -237,7 +240,8 @@ def test_malformed_record_names_file_and_row(tmp_path, record, complaint):
 
 def test_malformed_jsonl_line(tmp_path):
     file = tmp_path / "P17.dev.jsonl"
-    file.write_text('{"question": "Which country is Rome located in?", "answers": ["Italy"]}\n{oops}\n', encoding="utf-8")
+    rome = '{"question": "Which country is Rome located in?", "answers": ["Italy"]}'
+    file.write_text(f"{rome}\n{{oops}}\n", encoding="utf-8")
     with pytest.raises(data.DataFormatError, match=rf"{re.escape(str(file))}: line 2 \(row 1\): invalid JSON"):
         data.load(tmp_path, splits="dev", relations="P17")
 
@@ -338,8 +342,10 @@ def test_alias_table_is_unambiguous(tmp_path):
 
 def test_frequent_country_answers_are_covered(official):
     """The alias table covers the most frequent country answers that have other names in use."""
-    expected = ["United States of America", "Iran", "Germany", "India", "Turkey", "Russia", "Czech Republic",
-                "People's Republic of China", "South Korea", "Soviet Union", "German Democratic Republic", "United Kingdom"]
+    expected = [
+        "United States of America", "Iran", "Germany", "India", "Turkey", "Russia", "Czech Republic",
+        "People's Republic of China", "South Korea", "Soviet Union", "German Democratic Republic", "United Kingdom",
+    ]
     for name in expected:
         assert len(data.aliases(name)) > 1, name
         assert any(name in record["answers"] for record in official["train"]["P17"] + official["train"]["P495"]), name

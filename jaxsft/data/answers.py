@@ -13,20 +13,24 @@ out, since `contains_answer` would match them where they do not name the entity.
 import json
 import os
 import unicodedata
-from collections.abc import Iterable, Sequence
-from functools import cache
+from collections.abc import Iterable
+from functools import cache, lru_cache
 from pathlib import Path
 
 ALIASES_FILE = Path(__file__).resolve().with_name("answer_aliases.json")
 
 _ARTICLES = frozenset({"a", "an", "the"})
 # Letters NFKD does not decompose into a base letter and a combining mark.
-_FOLD = str.maketrans({"ø": "o", "æ": "ae", "œ": "oe", "ł": "l", "đ": "d", "ð": "d", "þ": "th", "ı": "i", "ħ": "h"})
+_FOLD = str.maketrans(
+    {"ø": "o", "æ": "ae", "œ": "oe", "ł": "l", "đ": "d", "ð": "d", "þ": "th", "ı": "i", "ħ": "h"}
+)
 
 
 def normalize(text: str) -> str:
-    """Lowercase (casefold), fold accents (NFKD minus combining marks), punctuation and symbols
-    to spaces, drop the articles a/an/the, collapse whitespace. Idempotent.
+    """The SQuAD normal form plus accent folding; idempotent.
+
+    Casefold; NFKD without combining marks ("São" -> "sao"), plus the letters NFKD keeps ("ø", "ł");
+    punctuation, symbols and control characters become spaces; the words a/an/the go; single spaces.
 
     >>> normalize("The São Paulo F.C.!")
     'sao paulo f c'
@@ -46,23 +50,32 @@ def contains_answer(output: str, answers: Iterable[str]) -> bool:
 
     Both sides are normalised and compared with a space on each side, so "Iran" matches
     "Iran's capital" and "born in Iran." but not "Irangate", and "New York" does not match
-    "New Yorker". A contained multi-word name still matches ("Mexico" in "New Mexico"): matching
-    is containment, not entity linking. Answers that normalise to "" never match.
+    "New Yorker". An answer inside a longer name still matches ("Mexico" in "New Mexico"):
+    matching is containment, not entity linking. Answers that normalise to "" never match.
     """
     padded = f" {normalize(output)} "
-    return any(name and f" {name} " in padded for name in map(normalize, expand(answers)))
+    return any(f" {name} " in padded for name in _normal_forms(tuple(answers)))
 
 
 def aliases(answer: str) -> list[str]:
-    """`answer` followed by the other names of its alias group (`[answer]` when it has none)."""
-    group = _alias_index().get(normalize(answer), ())
-    return _unique([answer, *group])
+    """`answer` followed by the other names of its alias group (`[answer]` when it has none).
+
+    The group is found by normal form ("usa" finds "USA"); names with the normal form of `answer` are not repeated.
+    """
+    key = normalize(answer)
+    return [answer, *(name for name in _alias_index().get(key, ()) if normalize(name) != key)]
 
 
 def expand(answers: Iterable[str]) -> list[str]:
-    """The answers, then their aliases, without repeats (exact strings; the order is kept)."""
-    answers = list(answers)
-    return _unique(answers + [name for answer in answers for name in aliases(answer)])
+    """The answers (exact repeats dropped), then the aliases whose normal form is not there yet."""
+    expanded = list(dict.fromkeys(answers))
+    seen = {normalize(answer) for answer in expanded}
+    for answer in list(expanded):
+        for name in aliases(answer)[1:]:
+            if normalize(name) not in seen:
+                seen.add(normalize(name))
+                expanded.append(name)
+    return expanded
 
 
 def alias_groups(path: str | os.PathLike | None = None) -> list[list[str]]:
@@ -95,10 +108,13 @@ def alias_groups(path: str | os.PathLike | None = None) -> list[list[str]]:
     return groups
 
 
+@lru_cache(maxsize=1 << 16)
+def _normal_forms(answers: tuple[str, ...]) -> tuple[str, ...]:
+    """Non-empty normal forms of the answers and their aliases; cached, scoring asks for the same facts often."""
+    return tuple(dict.fromkeys(name for name in map(normalize, expand(answers)) if name))
+
+
 @cache
 def _alias_index() -> dict[str, tuple[str, ...]]:
     return {normalize(name): tuple(group) for group in alias_groups() for name in group}
 
-
-def _unique(names: Sequence[str]) -> list[str]:
-    return list(dict.fromkeys(names))

@@ -1,4 +1,4 @@
-"""EntityQuestions: loading, subject recovery and relation roles.
+"""EntityQuestions: loading, subject recovery, role tagging.
 
 Three sources hold the same facts:
 
@@ -97,15 +97,13 @@ def query_templates(path: PathLike | None = None) -> dict[str, str]:
     `path` is an EntityQuestions directory; when it has no templates file (the official
     `dataset.zip` does not), the shipped copy of the repository's file is used.
     """
-    file = PACKAGE_DIR / QUERY_TEMPLATES_FILE
-    if path is not None and (Path(path) / QUERY_TEMPLATES_FILE).is_file():
-        file = Path(path) / QUERY_TEMPLATES_FILE
+    file = _query_templates_file(path)
     templates = _read_json(file)
     if not isinstance(templates, dict):
         raise DataFormatError(f"{file}: expected an object relation -> template, got {type(templates).__name__}")
     for relation, template in templates.items():
         if not isinstance(template, str) or template.count(PLACEHOLDER) != 1:
-            raise DataFormatError(f"{file}: template of {relation} must be a string with one {PLACEHOLDER}: {template!r}")
+            raise DataFormatError(f"{file}: {relation}: expected a string with one {PLACEHOLDER}, got {template!r}")
     return templates
 
 
@@ -135,7 +133,7 @@ def load(
     templates = query_templates(path)
     missing = [relation for relation in relations if relation not in templates]
     if missing:
-        raise DataFormatError(f"no query template for {missing} in {QUERY_TEMPLATES_FILE}")
+        raise DataFormatError(f"{_query_templates_file(path)}: no query template for {missing}")
 
     columns: dict[str, list[Any]] = {name: [] for name in FEATURES}
     failures: list[ParseFailure] = []
@@ -163,9 +161,17 @@ def load(
     return datasets.Dataset(InMemoryTable(table), info=datasets.DatasetInfo(features=FEATURES))
 
 
-def read_records(path: PathLike | None, split: str, relations: Iterable[str] | None = None) -> Iterator[tuple[str, str, list]]:
+def read_records(
+    path: PathLike | None, split: str, relations: Iterable[str] | None = None
+) -> Iterator[tuple[str, str, list]]:
     """`(relation, source, records)` per relation, records as stored (`{question, answers}` dicts), unchecked."""
     return _read_split(path, _check_splits(split)[0], check_relations(relations))
+
+
+def _query_templates_file(path: PathLike | None) -> Path:
+    if path is not None and (Path(path) / QUERY_TEMPLATES_FILE).is_file():
+        return Path(path) / QUERY_TEMPLATES_FILE
+    return PACKAGE_DIR / QUERY_TEMPLATES_FILE
 
 
 def _read_split(path: PathLike | None, split: str, relations: Sequence[str]) -> Iterator[tuple[str, str, list]]:
@@ -177,7 +183,7 @@ def _read_split(path: PathLike | None, split: str, relations: Sequence[str]) -> 
         for relation in relations:
             if relation not in by_relation:
                 raise DataFormatError(f"{file}: relation {relation} is missing")
-            yield relation, f"{file}[{relation}]", by_relation[relation]
+            yield relation, f"{file}[{relation}]", _check_list(by_relation[relation], f"{file}[{relation}]")
         return
     root = Path(path)
     if not root.exists():
@@ -188,9 +194,7 @@ def _read_split(path: PathLike | None, split: str, relations: Sequence[str]) -> 
     for relation in relations:
         file = _find_file(directory, relation, split)
         records = _read_jsonl(file) if file.suffix == ".jsonl" else _read_json(file)
-        if not isinstance(records, list):
-            raise DataFormatError(f"{file}: expected a JSON list of records, got {type(records).__name__}")
-        yield relation, str(file), records
+        yield relation, str(file), _check_list(records, str(file))
 
 
 def _find_file(directory: Path, relation: str, split: str) -> Path:
@@ -208,7 +212,8 @@ def _read_json(file: Path) -> Any:
         raw = gzip.decompress(file.read_bytes()) if file.suffix == ".gz" else file.read_bytes()
         return json.loads(raw)
     except json.JSONDecodeError as error:
-        raise DataFormatError(f"{file}: invalid JSON at line {error.lineno} column {error.colno}: {error.msg}") from None
+        where = f"line {error.lineno} column {error.colno}"
+        raise DataFormatError(f"{file}: invalid JSON at {where}: {error.msg}") from None
     except UnicodeDecodeError as error:
         raise DataFormatError(f"{file}: not UTF-8 text ({error.reason} at byte {error.start})") from None
 
@@ -222,7 +227,14 @@ def _read_jsonl(file: Path) -> list:
             try:
                 records.append(json.loads(line))
             except json.JSONDecodeError as error:
-                raise DataFormatError(f"{file}: line {line_number} (row {len(records)}): invalid JSON: {error.msg}") from None
+                where = f"line {line_number} (row {len(records)})"
+                raise DataFormatError(f"{file}: {where}: invalid JSON: {error.msg}") from None
+    return records
+
+
+def _check_list(records: Any, source: str) -> list:
+    if not isinstance(records, list):
+        raise DataFormatError(f"{source}: expected a list of records, got {type(records).__name__}")
     return records
 
 

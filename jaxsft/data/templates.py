@@ -51,7 +51,8 @@ def validate_completion_templates(templates: dict[str, list[str]], source: str =
         if not isinstance(relation_templates, list) or not all(isinstance(t, str) for t in relation_templates):
             raise ValueError(f"{source}: {relation}: expected a list of strings")
         if len(relation_templates) != TEMPLATES_PER_RELATION:
-            raise ValueError(f"{source}: {relation} has {len(relation_templates)} templates, expected {TEMPLATES_PER_RELATION}")
+            count = len(relation_templates)
+            raise ValueError(f"{source}: {relation} has {count} templates, expected {TEMPLATES_PER_RELATION}")
         duplicates = sorted({t for t in relation_templates if relation_templates.count(t) > 1})
         if duplicates:
             raise ValueError(f"{source}: {relation} repeats {duplicates}")
