@@ -1,0 +1,21 @@
+"""Llama-2-13B, full fine-tuning on a v5p-8 (4 chips x 95 GiB HBM).
+
+AdamW with float32 master weights and moments (16 bytes a parameter with the gradient: 208 GB), bfloat16
+compute, FSDP over all chips, layers scanned and rematerialised. On v5e-8 or v4-8 (128 GiB in all) only
+bfloat16 params and moments fit (`--config.model.param_dtype=bfloat16`), and at the paper's learning
+rate (1e-5) most AdamW updates are then below bfloat16's resolution: prefer v5p.
+"""
+
+from jaxsft import config
+
+
+def get_config():
+    c = config.default_config()
+    c.model.path = "meta-llama/Llama-2-13b-hf"
+    c.model.dtype = "bfloat16"
+    c.model.param_dtype = "float32"
+    c.model.scan_layers = True
+    c.model.remat = "full"
+    c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, 1  # FSDP over every chip of the slice
+    c.data.relations = "all"
+    return c
