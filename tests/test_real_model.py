@@ -14,29 +14,9 @@ from flax import nnx
 from safetensors.numpy import load_file, save_file
 
 import hf_models
-from jaxsft import batching, generate, models
+from jaxsft import batching, generate, models, tokenization
 
 PROMPTS = ["The capital of France is", "Question: Who wrote Hamlet?\nAnswer:", "1, 2, 3, 4,"]
-
-
-def transformers_from_gguf(path):
-    """transformers' own reading of the GGUF file (its config, tensor conversion and model), float32.
-
-    `from_pretrained(gguf_file=...)` does the same but insists on `accelerate` being installed.
-    """
-    import torch
-    import transformers
-    from transformers.initialization import no_init_weights
-    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
-
-    config = transformers.AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
-    with no_init_weights():
-        model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    tensors = load_gguf_checkpoint(path, return_tensors=True, model_to_load=model)["tensors"]
-    missing, unexpected = model.load_state_dict(tensors, strict=False)
-    assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
-    model.tie_weights()
-    return model.eval()
 
 
 @pytest.fixture(scope="module")
@@ -47,9 +27,7 @@ def smollm2(smollm2_gguf):
 
 @pytest.fixture(scope="module")
 def tokenizer(smollm2_gguf):
-    import transformers
-
-    return transformers.AutoTokenizer.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name)
+    return tokenization.load_tokenizer(smollm2_gguf)
 
 
 @nnx.jit
@@ -59,8 +37,10 @@ def _forward(model, ids, mask):
 
 def test_logits_match_transformers_gguf(smollm2, tokenizer, smollm2_gguf):
     import torch
+    import transformers
 
-    reference = transformers_from_gguf(smollm2_gguf)
+    reference = transformers.AutoModelForCausalLM.from_pretrained(
+        smollm2_gguf.parent, gguf_file=smollm2_gguf.name, dtype=torch.float32).eval()
     assert smollm2.cfg.num_layers == 30 and smollm2.cfg.vocab_size == 49152
     rows = [[tokenizer.bos_token_id, *tokenizer.encode(p, add_special_tokens=False)] for p in PROMPTS]
     ids, mask = batching.pad(rows, max(map(len, rows)), left=False, pad_id=tokenizer.pad_token_id)
