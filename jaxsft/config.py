@@ -80,3 +80,66 @@ def default_config() -> ml_collections.ConfigDict:
     # The experiment grid (jaxsft.run): training level x size x seed.
     c.grid = ml_collections.ConfigDict(dict(levels=("0", "1", "2", "3", "4"), sizes=("60",), seeds=(0,)))
     return c
+
+
+def _fail(field: str, value, expected: str) -> None:
+    raise ValueError(f"config.{field} = {value!r}: expected {expected}")
+
+
+def validate(c: ml_collections.ConfigDict) -> None:
+    """Check every value the stages rely on, naming the field, before any model or data is loaded."""
+    from jaxsft.data import relations
+
+    def choice(field: str, options: tuple) -> None:
+        value = c[field.split(".")[0]][field.split(".")[1]]
+        if value not in options:
+            _fail(field, value, "one of " + ", ".join(map(str, options)))
+
+    def positive(field: str, allow_zero: bool = False) -> None:
+        value = c[field.split(".")[0]][field.split(".")[1]]
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0 or (value == 0 and not allow_zero):
+            _fail(field, value, "a non-negative number" if allow_zero else "a positive number")
+
+    for field in ("model.dtype", "model.param_dtype"):
+        choice(field, ("float32", "bfloat16", "float16"))
+    choice("model.remat", ("none", "full", "dots"))
+    for axis in ("data", "fsdp", "tensor"):
+        if not isinstance(c.mesh[axis], int) or (c.mesh[axis] < 1 and c.mesh[axis] != -1):
+            _fail(f"mesh.{axis}", c.mesh[axis], "a positive device count, or -1 for the devices left over")
+    if [c.mesh.data, c.mesh.fsdp, c.mesh.tensor].count(-1) > 1:
+        _fail("mesh", c.mesh.to_dict(), "at most one axis of -1")
+    if c.data.relations not in ("id", "ood", "all"):
+        try:
+            relations.check_relations(c.data.relations.split(","))
+        except ValueError as err:
+            _fail("data.relations", c.data.relations, f"id, ood, all or relation ids ({err})")
+    positive("data.limit_per_relation", allow_zero=True)
+    choice("scoring.method", ("likelihood", "sampling"))
+    for split_field in ("scoring.split", "eval.split"):
+        choice(split_field, ("train", "dev", "test"))
+    for field in ("scoring.temperature", "scoring.batch_size", "scoring.num_samples", "scoring.max_new_tokens",
+                  "scoring.shard_size", "train.learning_rate", "train.batch_size", "train.grad_accum",
+                  "train.epochs", "train.max_length", "eval.batch_size", "eval.max_new_tokens"):
+        positive(field)
+    for field in ("scoring.top_k", "train.warmup_steps", "train.max_grad_norm", "train.weight_decay",
+                  "train.checkpoint_every", "eval.limit_per_level"):
+        positive(field, allow_zero=True)
+    if not 0.0 < c.scoring.top_p <= 1.0:
+        _fail("scoring.top_p", c.scoring.top_p, "a number in (0, 1]")
+    for field in ("scoring.buckets", "eval.buckets"):
+        value = c[field.split(".")[0]][field.split(".")[1]]
+        if not value or not all(isinstance(b, int) and b > 0 for b in value):
+            _fail(field, value, "a non-empty tuple of positive lengths")
+    choice("train.schedule", ("cosine", "constant"))
+    choice("train.truncation", ("left", "refuse", "skip"))
+    if c.train.batch_size % c.train.grad_accum:
+        _fail("train.grad_accum", c.train.grad_accum, f"a divisor of train.batch_size ({c.train.batch_size})")
+    levels = ("0", "1", "2", "3", "4", "mixed")
+    for level in (c.select.level, *c.grid.levels):
+        if str(level) not in levels:
+            _fail("grid.levels / select.level", level, "levels among " + ", ".join(levels))
+    for size in (c.select.size, *c.grid.sizes):
+        if str(size) != "all" and not (str(size).isdigit() and int(size) > 0):
+            _fail("grid.sizes / select.size", size, "positive counts or 'all'")
+    if not c.grid.seeds or not all(isinstance(s, int) for s in c.grid.seeds):
+        _fail("grid.seeds", c.grid.seeds, "a non-empty tuple of integers")

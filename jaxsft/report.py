@@ -1,0 +1,160 @@
+"""The experiment's report: `report.md` with the paper's table, and PNG plots.
+
+Inputs are what the earlier stages wrote: memorization levels of the scored facts, and one
+evaluation per grid cell (training level x size x seed).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import os
+from collections.abc import Mapping, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from etils import epath  # noqa: E402
+
+from jaxsft import runtime  # noqa: E402
+
+LEVELS = (0, 1, 2, 3, 4)
+
+
+@dataclasses.dataclass(frozen=True)
+class Cell:
+    """One fine-tuning run and its accuracies: `accuracy[role][test level]`, role in id/ood."""
+
+    level: str
+    size: str
+    seed: int
+    accuracy: Mapping[str, Mapping[int, float]]
+    macro: Mapping[str, float]
+
+
+def level_counts(relations: Sequence[str], levels: Sequence[int]) -> dict[str, list[int]]:
+    """Facts per memorization level, per relation."""
+    counts: dict[str, list[int]] = collections.defaultdict(lambda: [0] * len(LEVELS))
+    for relation, level in zip(relations, levels):
+        counts[relation][int(level)] += 1
+    return dict(sorted(counts.items(), key=lambda kv: int(kv[0][1:])))
+
+
+def _size_key(size: str) -> float:
+    return float("inf") if size == "all" else float(size)
+
+
+def _mean(values: Sequence[float]) -> str:
+    if not values or any(np.isnan(values)):
+        return "–"
+    text = f"{100 * np.mean(values):.1f}"
+    return text + (f" ± {100 * np.std(values):.1f}" if len(values) > 1 else "")
+
+
+def paper_table(cells: Sequence[Cell]) -> str:
+    """Rows: training level x size (mean ± std over seeds); columns: accuracy per test level and the
+    macro average, in domain then out of domain."""
+    groups: dict[tuple[str, str], list[Cell]] = collections.defaultdict(list)
+    for c in cells:
+        groups[(c.level, c.size)].append(c)
+    head = ["train level", "size"] + [f"{role} {col}" for role in ("ID", "OOD")
+                                       for col in [f"L{lv}" for lv in LEVELS] + ["avg"]]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for (level, size), group in sorted(groups.items(), key=lambda kv: (kv[0][0], _size_key(kv[0][1]))):
+        row = [level, size]
+        for role in ("id", "ood"):
+            row += [_mean([c.accuracy[role].get(lv, float("nan")) for c in group]) for lv in LEVELS]
+            row.append(_mean([c.macro[role] for c in group]))
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def _plot_levels(counts: Mapping[str, Sequence[int]], path: epath.Path, title: str) -> None:
+    fig, ax = plt.subplots(figsize=(10, 4))
+    relations = list(counts)
+    bottom = np.zeros(len(relations))
+    for lv in LEVELS:
+        values = np.array([counts[r][lv] for r in relations], float)
+        ax.bar(relations, values, bottom=bottom, label=f"level {lv}")
+        bottom += values
+    ax.set_ylabel("facts")
+    ax.set_title(title)
+    ax.legend(ncol=5, fontsize="small")
+    ax.tick_params(axis="x", rotation=60)
+    fig.tight_layout()
+    with path.open("wb") as f:
+        fig.savefig(f, format="png", dpi=110)
+    plt.close(fig)
+
+
+def _plot_sizes(cells: Sequence[Cell], path: epath.Path) -> None:
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    for ax, role in zip(axes, ("id", "ood")):
+        by_level: dict[str, dict[str, list[float]]] = collections.defaultdict(lambda: collections.defaultdict(list))
+        for c in cells:
+            by_level[c.level][c.size].append(c.macro[role])
+        for level, sizes in sorted(by_level.items()):
+            order = sorted(sizes, key=_size_key)
+            ax.plot(order, [100 * np.mean(sizes[s]) for s in order], marker="o", label=f"train level {level}")
+        ax.set_title(f"{role.upper()} accuracy (macro over test levels)")
+        ax.set_xlabel("training-set size")
+    axes[0].set_ylabel("accuracy (%)")
+    axes[1].legend(fontsize="small")
+    fig.tight_layout()
+    with path.open("wb") as f:
+        fig.savefig(f, format="png", dpi=110)
+    plt.close(fig)
+
+
+def write(workdir: str | os.PathLike, *, train_levels: Mapping[str, Sequence[int]],
+          test_levels: Mapping[str, Sequence[int]], cells: Sequence[Cell], timings: Mapping[str, float],
+          header: str = "") -> epath.Path:
+    """Write `report.md` and its plots into `workdir`; return the report's path."""
+    workdir = epath.Path(workdir)
+    _plot_levels(train_levels, workdir / "levels_train.png", "Memorization levels of the training facts")
+    _plot_levels(test_levels, workdir / "levels_test.png", "Memorization levels of the test facts")
+    _plot_sizes(cells, workdir / "accuracy_vs_size.png")
+
+    def counts_table(counts: Mapping[str, Sequence[int]]) -> str:
+        rows = ["| relation | " + " | ".join(f"L{lv}" for lv in LEVELS) + " | total |", "|" + "---|" * 7]
+        for relation, c in counts.items():
+            rows.append(f"| {relation} | " + " | ".join(map(str, c)) + f" | {sum(c)} |")
+        return "\n".join(rows)
+
+    timing_rows = "\n".join(f"| {stage} | {seconds:.1f} |" for stage, seconds in timings.items())
+    text = f"""# jaxsft report
+
+{header}
+
+## QA accuracy (%) after fine-tuning, per test memorization level
+
+{paper_table(cells)}
+
+![accuracy against training-set size](accuracy_vs_size.png)
+
+## Memorization levels per relation
+
+Training facts (in-domain relations):
+
+{counts_table(train_levels)}
+
+![levels of the training facts](levels_train.png)
+
+Test facts:
+
+{counts_table(test_levels)}
+
+![levels of the test facts](levels_test.png)
+
+## Timings
+
+| stage | seconds |
+|---|---|
+{timing_rows}
+| total | {sum(timings.values()):.1f} |
+"""
+    path = workdir / "report.md"
+    runtime.atomic_write_text(path, text)
+    return path
