@@ -61,3 +61,19 @@ def torch_logits(model, ids: np.ndarray, mask: np.ndarray | None = None) -> np.n
     with torch.no_grad():
         kwargs = {} if mask is None else {"attention_mask": torch.tensor(mask)}
         return model(torch.tensor(ids), **kwargs).logits.float().numpy()
+
+
+def char_tokenizer():
+    """One token per character (ids 0-3: pad, bos, eos, unk, as in the tiny configs); BOS added by the
+    post-processor; 76 ids, within the tiny vocab of 96."""
+    from tokenizers import Tokenizer, decoders, models as tok_models, processors
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<s>", "</s>", "<unk>"]
+    chars = sorted(set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 ?<|>.,'-"))
+    tok = Tokenizer(tok_models.BPE(vocab={t: i for i, t in enumerate(specials + chars)}, merges=[], unk_token="<unk>"))
+    tok.add_special_tokens(specials)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   unk_token="<unk>")
