@@ -300,3 +300,10 @@ def test_sigterm_saves_a_checkpoint_and_exits_zero(model_dir, tmp_path):
     assert position["step"] == steps[0] and position["num_items"] == 30
     assert f"SIGTERM: saved a checkpoint at step {steps[0]}" in err
     assert not (run / "model").exists()
+
+
+def test_divergence_stops_the_run_naming_the_step(model_dir, tmp_path):
+    cfg = make_config(model_dir, learning_rate=1e30, warmup_steps=0, checkpoint_every=1)
+    with pytest.raises(FloatingPointError, match=r"training diverged at step \d"):
+        train(cfg, tmp_path, qa_set(), mesh=one_device())
+    assert not (tmp_path / "model").exists()

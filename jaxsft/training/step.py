@@ -62,8 +62,10 @@ def train_step(state: TrainState, batch: Batch, *, graphdef: nnx.GraphDef, tx: o
                schedule: optax.Schedule, accum: int) -> tuple[TrainState, dict[str, jax.Array]]:
     loss, grads = loss_and_grads(state.params, graphdef, batch, accum)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    metrics = dict(loss=loss, grad_norm=optax.global_norm(grads), learning_rate=schedule(state.step))
-    return TrainState(state.step + 1, optax.apply_updates(state.params, updates), opt_state, state.rng), metrics
+    params = optax.apply_updates(state.params, updates)
+    metrics = dict(loss=loss, grad_norm=optax.global_norm(grads), param_norm=optax.global_norm(params),
+                   learning_rate=schedule(state.step))
+    return TrainState(state.step + 1, params, opt_state, state.rng), metrics
 
 
 def shardings(tree, mesh: Mesh):

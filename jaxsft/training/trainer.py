@@ -77,6 +77,43 @@ def _sigterm_flag() -> Iterator[threading.Event]:
         signal.signal(signal.SIGTERM, previous)
 
 
+class _Metrics:
+    """Per-step metrics: checked finite, with throughput and MFU added, to TensorBoard (every
+    `log_every` steps), the progress bar and `history`."""
+
+    def __init__(self, logdir: epath.Path, start: int, total: int, tokens_per_step: int, n_params: int,
+                 peak: float, log_every: int):
+        self.writer = tensorboardX.SummaryWriter(os.fspath(logdir), purge_step=start or None)
+        self.bar = tqdm.tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True)
+        self.tokens = tokens_per_step  # processed, padding included: what the devices compute
+        self.flops = 6 * n_params * tokens_per_step
+        self.peak, self.log_every = peak, max(1, log_every)
+        self.history: list[dict[str, float]] = []
+        self.restart_clock()
+
+    def restart_clock(self) -> None:
+        self.clock = time.perf_counter()
+
+    def record(self, step: int, metrics: dict[str, jax.Array]) -> None:
+        m = {k: float(v) for k, v in jax.device_get(metrics).items()}  # waits for the step
+        now = time.perf_counter()
+        seconds, self.clock = now - self.clock, now
+        if not all(map(math.isfinite, (m["loss"], m["grad_norm"], m["param_norm"]))):
+            raise FloatingPointError(f"training diverged at step {step}: loss {m['loss']}, gradient norm "
+                                     f"{m['grad_norm']}, norm of the updated params {m['param_norm']}")
+        m.update(step_seconds=seconds, tokens_per_sec=self.tokens / seconds, mfu=self.flops / (seconds * self.peak))
+        self.history.append(dict(step=step, **m))
+        if step % self.log_every == 0:
+            for k, v in m.items():
+                self.writer.add_scalar(f"train/{k}", v, step)
+        self.bar.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{m['learning_rate']:.2e}", tok_s=f"{m['tokens_per_sec']:.0f}")
+        self.bar.update(1)
+
+    def close(self) -> None:
+        self.bar.close()
+        self.writer.close()
+
+
 def _write(path: epath.Path, text: str) -> None:
     """Write through a temporary sibling renamed over `path` (replacing an older file)."""
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
@@ -142,34 +179,11 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, train_set:
     end = total if max_steps is None else min(total, start + max_steps)
     n_params = sum(x.size for x in jax.tree.leaves(state_shape.params))
     peak = peak_flops(mesh.devices.flat[0]) * mesh.size
-    tokens_per_step = t.batch_size * t.max_length  # processed, padding included: what the devices compute
     logging.info("training %d params on %d items: steps %d-%d of %d, mesh %s, MFU against %.3g FLOP/s",
                  n_params, len(examples), start, end, total, dict(mesh.shape), peak)
+    metrics_log = _Metrics(workdir / "tensorboard", start, total, t.batch_size * t.max_length, n_params, peak,
+                           t.log_every)
     batch_sharding = sharding.batch_sharding(mesh)
-    writer = tensorboardX.SummaryWriter(os.fspath(workdir / "tensorboard"), purge_step=start or None)
-    bar = tqdm.tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True)
-    history: list[dict[str, float]] = []
-    clock = [time.perf_counter()]
-
-    def record(step: int, metrics: dict[str, jax.Array]) -> None:
-        m = {k: float(v) for k, v in jax.device_get(metrics).items()}  # waits for the step
-        now = time.perf_counter()
-        seconds, clock[0] = now - clock[0], now
-        if not (math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"])):
-            raise FloatingPointError(f"training diverged at step {step}: loss {m['loss']}, gradient norm "
-                                     f"{m['grad_norm']}; last checkpoint: {ckpts.latest_step()}")
-        m.update(step_seconds=seconds, tokens_per_sec=tokens_per_step / seconds,
-                 mfu=6 * n_params * tokens_per_step / (seconds * peak))
-        history.append(dict(step=step, **m))
-        for k, v in m.items():
-            writer.add_scalar(f"train/{k}", v, step)
-        bar.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{m['learning_rate']:.2e}", tok_s=f"{m['tokens_per_sec']:.0f}")
-        bar.update(1)
-
-    def save(step: int) -> None:
-        ckpts.save(step, state, data.position(examples, step, t.batch_size, t.seed))
-        clock[0] = time.perf_counter()  # the next step's time excludes the save
-
     pending = None
     preempted = False
     try:
@@ -179,31 +193,31 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, train_set:
                          for k, v in data.batch(examples, step, t.batch_size, t.seed).items()}
                 state, metrics = step_fn(state, batch)
                 if pending:  # read the previous step's metrics while this one runs
-                    record(*pending)
+                    metrics_log.record(*pending)
                 pending = (step, metrics)
                 done = step + 1
                 preempted = sigterm.is_set() and done < total
                 if preempted or done == end or (t.checkpoint_every and done % t.checkpoint_every == 0):
-                    record(*pending)  # never checkpoint a state whose loss was not checked
+                    metrics_log.record(*pending)  # never checkpoint a state whose loss was not checked
                     pending = None
-                    save(done)
+                    ckpts.save(done, state, data.position(examples, done, t.batch_size, t.seed))
+                    metrics_log.restart_clock()  # the next step's time excludes the save
                 if preempted:
                     logging.warning("SIGTERM: saved a checkpoint at step %d of %d, stopping", done, total)
                     break
         ckpts.wait()
     finally:
-        bar.close()
-        writer.close()
+        metrics_log.close()
         ckpts.close()
 
     model = nnx.merge(graphdef, state.params)
     done = int(state.step)
     if done == total:
         models.save_pretrained(model, workdir / "model")
-        last = history[-1] if history else {}
+        history = metrics_log.history
         _write(workdir / "train_summary.json", json.dumps(dict(
             steps=total, items=len(examples), params=n_params, encoding=str(examples.report),
-            truncated=len(examples.report.truncated), final_loss=last.get("loss"),
+            truncated=len(examples.report.truncated), final_loss=history[-1]["loss"] if history else None,
             tokens_per_sec=float(np.median([h["tokens_per_sec"] for h in history])) if history else None,
             peak_flops=peak, mesh=dict(mesh.shape)), indent=2))
-    return TrainResult(model, done, total, preempted, history)
+    return TrainResult(model, done, total, preempted, metrics_log.history)
