@@ -21,7 +21,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from flax import nnx
-from jax._src import dispatch
 
 import hf_models
 from jaxsft import config as config_lib
@@ -34,6 +33,7 @@ from jaxsft.training.step import loss_and_grads
 
 NAMES = ["Ann", "Bob", "Cid", "Dan", "Eve", "Fay", "Gus", "Hal", "Ivy", "Jon"]
 CITIES = ["Paris", "Rome", "Oslo", "Lima", "Kyiv"]
+BACKEND_COMPILE = "/jax/core/compile/backend_compile_duration"  # jax.monitoring event of each XLA compilation
 
 
 def char_tokenizer():
@@ -96,7 +96,11 @@ def assert_params_equal(got, expected, atol: float = 0.0) -> None:
 def reference(model_dir, tmp_path_factory):
     """6 steps on one device, never stopped; and the names of the functions compiled meanwhile."""
     compiled = []
-    listener = lambda event, seconds, **kw: compiled.append(kw.get("fun_name")) if event == dispatch.BACKEND_COMPILE_EVENT else None
+
+    def listener(event: str, seconds: float, **kwargs) -> None:
+        if event == BACKEND_COMPILE:
+            compiled.append(kwargs.get("fun_name"))
+
     jax.monitoring.register_event_duration_secs_listener(listener)
     try:
         workdir = tmp_path_factory.mktemp("reference")
@@ -171,6 +175,27 @@ def test_gradient_ignores_masked_positions(model_dir):
         np.testing.assert_allclose(a, b_, atol=1e-7, rtol=1e-5)
 
 
+def test_remat_scan_and_bfloat16_options(model_dir):
+    """Remat and scanned layers change memory, not gradients; bfloat16 compute keeps float32 master
+    weights and gradients."""
+    cfg = make_config(model_dir)
+    examples = data.encode(qa_set(8), tokenization.load_tokenizer(model_dir), cfg)
+    batch = {k: jnp.asarray(v) for k, v in data.batch(examples, 0, 8, seed=0).items()}
+
+    def loss_grads(**options):
+        graphdef, params = nnx.split(models.from_pretrained(model_dir, **options))
+        return jax.jit(loss_and_grads, static_argnums=1)(params, graphdef, batch)
+
+    loss, grads = loss_grads()
+    loss_remat, grads_remat = loss_grads(remat="full", scan_layers=True)
+    np.testing.assert_allclose(loss_remat, loss, rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_remat)):
+        np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5)
+    loss_bf16, grads_bf16 = loss_grads(dtype=jnp.bfloat16, param_dtype=jnp.float32)
+    assert {g.dtype for g in jax.tree.leaves(grads_bf16)} == {np.dtype(np.float32)}
+    np.testing.assert_allclose(loss_bf16, loss, rtol=2e-2)
+
+
 def test_weight_decay_skips_norms_and_biases():
     kwargs = hf_models.FAMILIES["phi2"][1]
     cfg = ModelConfig.from_hf(dict(hf_models._COMMON, model_type="phi", **kwargs))
@@ -179,7 +204,8 @@ def test_weight_decay_skips_norms_and_biases():
     decayed = {k for k, v in mask.items() if v}
     assert decayed == {"embed", "lm_head", "layers.wq", "layers.wk", "layers.wv", "layers.wo", "layers.w_up",
                        "layers.w_down"}
-    assert {"layers.bq", "layers.b_up", "lm_head_bias", "final_norm.bias", "layers.attn_norm.scale"} <= mask.keys() - decayed
+    kept = mask.keys() - decayed
+    assert {"layers.bq", "layers.b_up", "lm_head_bias", "final_norm.bias", "layers.attn_norm.scale"} <= kept
 
 
 def test_batches_visit_every_item_once_per_epoch():

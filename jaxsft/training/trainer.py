@@ -83,8 +83,10 @@ class _Metrics:
 
     def __init__(self, logdir: epath.Path, start: int, total: int, tokens_per_step: int, n_params: int,
                  peak: float, log_every: int):
-        self.writer = tensorboardX.SummaryWriter(os.fspath(logdir), purge_step=start or None)
-        self.bar = tqdm.tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True)
+        lead = jax.process_index() == 0  # one writer and one bar per job
+        self.writer = tensorboardX.SummaryWriter(os.fspath(logdir), purge_step=start or None) if lead else None
+        self.bar = tqdm.tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True,
+                             disable=not lead)
         self.tokens = tokens_per_step  # processed, padding included: what the devices compute
         self.flops = 6 * n_params * tokens_per_step
         self.peak, self.log_every = peak, max(1, log_every)
@@ -103,15 +105,17 @@ class _Metrics:
                                      f"{m['grad_norm']}, norm of the updated params {m['param_norm']}")
         m.update(step_seconds=seconds, tokens_per_sec=self.tokens / seconds, mfu=self.flops / (seconds * self.peak))
         self.history.append(dict(step=step, **m))
-        if step % self.log_every == 0:
+        if self.writer and step % self.log_every == 0:
             for k, v in m.items():
                 self.writer.add_scalar(f"train/{k}", v, step)
-        self.bar.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{m['learning_rate']:.2e}", tok_s=f"{m['tokens_per_sec']:.0f}")
+        self.bar.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{m['learning_rate']:.2e}",
+                             tok_s=f"{m['tokens_per_sec']:.0f}")
         self.bar.update(1)
 
     def close(self) -> None:
         self.bar.close()
-        self.writer.close()
+        if self.writer:
+            self.writer.close()
 
 
 def _write(path: epath.Path, text: str) -> None:
@@ -189,7 +193,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, train_set:
     try:
         with _sigterm_flag() as sigterm:
             for step in range(start, end):
-                batch = {k: jax.make_array_from_process_local_data(batch_sharding, v)
+                batch = {k: jax.make_array_from_callback(v.shape, batch_sharding, v.__getitem__)
                          for k, v in data.batch(examples, step, t.batch_size, t.seed).items()}
                 state, metrics = step_fn(state, batch)
                 if pending:  # read the previous step's metrics while this one runs
@@ -198,7 +202,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, train_set:
                 done = step + 1
                 preempted = sigterm.is_set() and done < total
                 if preempted or done == end or (t.checkpoint_every and done % t.checkpoint_every == 0):
-                    metrics_log.record(*pending)  # never checkpoint a state whose loss was not checked
+                    metrics_log.record(*pending)  # never checkpoint a state not checked finite
                     pending = None
                     ckpts.save(done, state, data.position(examples, done, t.batch_size, t.seed))
                     metrics_log.restart_clock()  # the next step's time excludes the save
