@@ -1,0 +1,54 @@
+"""Memorization scores of facts: R over the 21 completion templates of a relation, and its level.
+
+`score_facts` runs the scorer `cfg.method` names: `likelihood` (the default, teacher-forced
+probabilities, see `likelihood`) or `sampling` (the paper's protocol, see `sampling`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+
+import jax
+import ml_collections
+import numpy as np
+
+from jaxsft.models import Decoder
+from jaxsft.scoring import levels, likelihood, sampling
+
+METHODS = ("likelihood", "sampling")
+FACT_COLUMNS = ("id", "split", "relation", "subject", "question", "answers")
+
+
+def template_scores(model: Decoder, tokenizer, facts: Sequence[Mapping], cfg: ml_collections.ConfigDict,
+                    mesh: jax.sharding.Mesh | None = None,
+                    progress: Callable[[float], None] | None = None) -> np.ndarray:
+    """Per-template values [facts, templates]: hit probabilities (likelihood) or hit shares (sampling)."""
+    if cfg.method == "likelihood":
+        return likelihood.template_probabilities(
+            model, tokenizer, facts, temperature=cfg.temperature, batch_size=cfg.batch_size,
+            buckets=tuple(cfg.buckets), mesh=mesh, progress=progress)
+    if cfg.method == "sampling":
+        return sampling.template_hit_rates(
+            model, tokenizer, facts, temperature=cfg.temperature, num_samples=cfg.num_samples,
+            max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, buckets=tuple(cfg.buckets),
+            top_k=cfg.top_k, top_p=cfg.top_p, seed=cfg.seed, progress=progress)
+    raise ValueError(f"unknown scoring method {cfg.method!r}; choose one of {METHODS}")
+
+
+def score_facts(model: Decoder, tokenizer, facts: Sequence[Mapping], cfg: ml_collections.ConfigDict,
+                mesh: jax.sharding.Mesh | None = None,
+                progress: Callable[[float], None] | None = None) -> list[dict]:
+    """One row per fact: its `FACT_COLUMNS`, `template_scores`, `R` and `level`.
+
+    Likelihood levels are the ones the sampling protocol (`cfg.num_samples` per template) most
+    likely gives (`levels.expected_level`); sampling levels are the paper's thresholds on R.
+    """
+    scores = template_scores(model, tokenizer, facts, cfg, mesh, progress)
+    rows = []
+    for fact, values in zip(facts, scores):
+        r = float(np.mean(values))
+        level = (levels.expected_level(values, cfg.num_samples) if cfg.method == "likelihood"
+                 else levels.level(r))
+        rows.append({**{c: fact[c] for c in FACT_COLUMNS}, "template_scores": [float(v) for v in values],
+                     "R": r, "level": level})
+    return rows
