@@ -61,7 +61,7 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
     tmp.write_text(text)
-    tmp.rename(path)
+    tmp.replace(path)
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
