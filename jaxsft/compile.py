@@ -32,6 +32,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from ml_collections import config_flags
 
+from jaxsft import config as config_lib
 from jaxsft import hardware, model_zoo, runtime
 from jaxsft.models import Decoder, KVCache, ModelConfig
 from jaxsft.models import sharding
@@ -152,6 +153,8 @@ def train_program(cfg: ml_collections.ConfigDict, graphdef: nnx.GraphDef, params
     from jaxsft.training import optim, step
 
     t = cfg.train
+    if t.batch_size % t.grad_accum:
+        raise ValueError(f"train.batch_size={t.batch_size} does not split into grad_accum={t.grad_accum} microbatches")
     _check_batch("train.batch_size // train.grad_accum", t.batch_size // t.grad_accum, mesh)
     tx, schedule = optim.optimizer(t, total_steps=max(1000, t.warmup_steps + 1))
     state = jax.eval_shape(lambda p: step.TrainState(jnp.zeros((), jnp.int32), p, tx.init(p),
@@ -298,6 +301,7 @@ def main(argv: Sequence[str]) -> None:
     if unknown:
         raise app.UsageError(f"unknown steps {unknown}; choose from {', '.join(STEPS)}", exitcode=2)
     try:
+        config_lib.validate(cfg)
         target = hardware.parse_slice(_TOPOLOGY.value)
         mesh, costs = compile_config(cfg, target.devices(), _STEPS.value)
     except ValueError as e:  # a config that cannot be laid out on this slice
