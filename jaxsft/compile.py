@@ -11,8 +11,10 @@ architecture alone (`nnx.eval_shape`: no weights, no download), and each step is
   bucket] prefilled, their continuations teacher-forced on the KV cache, only scored positions unembedded;
 - decode: one token for every generated row against a KV cache of the longest prompt + new tokens.
 
-Per chip it prints what XLA's buffer assignment holds (arguments, outputs, temporaries, code) against
-the chip's HBM, and the FLOPs of one step. Exits 1 when a step does not fit, 2 when the config
+Per chip it prints what XLA's buffer assignment holds (`compiled.memory_analysis()`: arguments,
+outputs, temporaries, code) against the chip's HBM, and the FLOPs of one step. XLA itself refuses a
+program over the HBM it may use (15.75 of a v5e's 16 GiB, 30.75 of a v4's 32): that step is reported
+as not fitting, with XLA's figure. Exits 1 when a step does not fit, 2 when the config
 cannot be laid out on the slice at all (a batch the devices do not divide, an unknown slice).
 """
 
