@@ -157,11 +157,11 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, model=None, 
               desc=f"memorization ({cfg.scoring.method})") as bar:
         for k in todo:
             shard = facts.select(range(k * size, min(len(facts), (k + 1) * size)))
-            start = bar.n
-            rows = score_facts(model, tokenizer, list(shard), cfg.scoring, mesh, progress=bar.update)
+            end = bar.n + len(shard)
+            rows = score_facts(model, tokenizer, list(shard), cfg.scoring, mesh,
+                               progress=lambda n: bar.update(min(n, end - bar.n)))
             write_shard(out / _shard_name(k, num_shards), rows)
-            bar.n = start + len(rows)  # whole facts: the per-batch updates are fractions
-            bar.refresh()
+            bar.update(end - bar.n)  # whole facts: the per-batch updates are fractions
     table = read_rows(workdir)
     histogram = level_histogram(table)
     runtime.atomic_write_json(out / f"{HISTOGRAM}.json", histogram)

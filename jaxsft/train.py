@@ -1,7 +1,7 @@
 """`python -m jaxsft.train --config=configs/demo.py --workdir=runs/demo`: one fine-tuning run.
 
 The training set of `cfg.select` is built from `<workdir>/memorization` (see `jaxsft.select`) and
-the run writes to `<workdir>/sft/<level>-<size>-<seed>/` (`run_dir`): checkpoints, TensorBoard
+the run writes to `<workdir>/sft/level<L>-size<S>-seed<N>/` (`run_dir`): checkpoints, TensorBoard
 logs and the fine-tuned model in HF format (`model/`). Run it again to resume; SIGTERM checkpoints
 and exits 0.
 """
@@ -34,6 +34,7 @@ def main() -> None:
     config = config_flags.DEFINE_config_file("config", None, "experiment config file", lock_config=True)
     workdir = flags.DEFINE_string("workdir", None, "experiment directory (holds memorization/)")
     flags.mark_flags_as_required(["config", "workdir"])
+
     def _main(argv):
         del argv
         hardware.maybe_initialize_distributed()

@@ -305,20 +305,23 @@ def test_sigterm_saves_a_checkpoint_and_exits_zero(model_dir, tmp_path):
     """))
     run = tmp_path / "sft" / "level0-sizeall-seed0"
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
-    proc = subprocess.Popen([sys.executable, "-m", "jaxsft.train", f"--config={config}", f"--workdir={tmp_path}"],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    log = tmp_path / "stderr.txt"
+    with log.open("w") as stderr:
+        proc = subprocess.Popen([sys.executable, "-m", "jaxsft.train", f"--config={config}", f"--workdir={tmp_path}"],
+                                env=env, stdout=subprocess.DEVNULL, stderr=stderr)
     try:
         deadline = time.monotonic() + 120
         while not list((run / "tensorboard").glob("events.*")):  # the writer opens just before step 0
-            assert proc.poll() is None, proc.stderr.read()
+            assert proc.poll() is None, log.read_text()
             assert time.monotonic() < deadline, "training did not start"
             time.sleep(0.2)
         time.sleep(1.0)
         proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=60)
+        proc.wait(timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()
+    err = log.read_text()
     assert proc.returncode == 0, err
     steps = [int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit()]
     assert len(steps) == 1 and 0 < steps[0] < 4 * 10000, steps
