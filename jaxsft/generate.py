@@ -16,7 +16,7 @@ import numpy as np
 from flax import nnx
 
 from jaxsft import batching
-from jaxsft.models import Decoder, KVCache
+from jaxsft.models import Decoder, KVCache, sharding
 
 
 def stop_token_table(tokenizer, eos_ids: Sequence[int], stop_on_newline: bool = True) -> np.ndarray:
@@ -101,7 +101,7 @@ def generate(model: Decoder, prompts: Sequence[Sequence[int]], *, stop_table: np
         mask[len(idx):, -1] = 1  # filler rows decode harmlessly from one token
         keys = jax.vmap(lambda r: jax.random.fold_in(base, r))(
             jnp.asarray([row_ids[i] for i in idx] + [0] * (batch_size - len(idx))))
-        out = np.asarray(_decode(model, jnp.asarray(ids), jnp.asarray(mask), keys, stop,
+        out = sharding.host_array(_decode(model, jnp.asarray(ids), jnp.asarray(mask), keys, stop,
                                  jnp.float32(max(temperature, 1e-6)), jnp.float32(top_p),
                                  max_new_tokens=max_new_tokens, num_samples=num_samples, greedy=greedy,
                                  top_k=top_k))

@@ -73,10 +73,16 @@ def test_export_round_trip_loads_in_transformers(family, tmp_path):
     import transformers
 
     _, _, torch_model, ours, ids = family
-    out = models.save_pretrained(ours, tmp_path / "export")
-    reloaded = transformers.AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager")
-    np.testing.assert_allclose(hf_models.torch_logits(reloaded, ids), hf_models.torch_logits(torch_model, ids),
-                               atol=1e-4, rtol=0)
+    expected = hf_models.torch_logits(torch_model, ids)
+    single = models.save_pretrained(ours, tmp_path / "single")
+    sharded = models.save_pretrained(ours, tmp_path / "sharded", max_shard_bytes=40_000)
+    assert (sharded / "model.safetensors.index.json").exists() and not (single / "model.safetensors.index.json").exists()
+    for out in (single, sharded):
+        reloaded = transformers.AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager")
+        np.testing.assert_allclose(hf_models.torch_logits(reloaded, ids), expected, atol=1e-4, rtol=0)
+    ours_again = models.from_pretrained(sharded)  # our sharded-safetensors path
+    np.testing.assert_allclose(np.asarray(_forward(ours_again, jnp.asarray(ids), jnp.ones(ids.shape, jnp.int32))),
+                               expected, atol=1e-4, rtol=0)
 
 
 def test_scan_layers_equals_loop(family):

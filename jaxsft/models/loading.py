@@ -224,32 +224,41 @@ def save_pretrained(model: Decoder, out_dir: str | os.PathLike, *, max_shard_byt
     params = {k: v for k, v in flat.items() if isinstance(v, nnx.Param)}
     plan = _plan(cfg, params)
     out_dir = pathlib.Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    shards: list[dict[str, np.ndarray]] = [{}]
-    size = 0
-    host = {}
+    writer = jax.process_index() == 0  # every process gathers the params (a collective); one writes
+    if writer:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    files: list[list[str]] = []  # tensor names per written shard
+    shard: dict[str, np.ndarray] = {}
+
+    def flush() -> None:
+        if writer and shard:
+            save_file(shard, str(tmp / f"shard-{len(files):05d}.safetensors"), metadata={"format": "pt"})
+        files.append(list(shard))
+        shard.clear()
+
+    host, total = {}, 0
     for rule, i in plan:
         parts = []
         for t in rule.ours:
             if t not in host:
-                host = {t: np.asarray(jax.device_get(params[t][...]))}  # one param on the host at a time
+                host = {t: shd.host_array(params[t][...])}  # one param on the host at a time
             part = host[t][i] if i is not None else host[t]
             parts.append(part.T if rule.linear else part)
         tensor = np.ascontiguousarray(np.concatenate(parts, axis=0) if len(parts) > 1 else parts[0])
-        if size and size + tensor.nbytes > max_shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][_hf_name(rule, i)] = tensor
-        size += tensor.nbytes
-    names = (["model.safetensors"] if len(shards) == 1 else
-             [f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))])
-    weight_map = {}
-    for name, shard in zip(names, shards):
-        save_file(shard, str(tmp / name), metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(shard, name))
-    if len(shards) > 1:
-        total = sum(t.nbytes for s in shards for t in s.values())
+        if shard and sum(t.nbytes for t in shard.values()) + tensor.nbytes > max_shard_bytes:
+            flush()
+        shard[_hf_name(rule, i)] = tensor
+        total += tensor.nbytes
+    flush()
+    if not writer:
+        return out_dir
+    names = (["model.safetensors"] if len(files) == 1 else
+             [f"model-{k + 1:05d}-of-{len(files):05d}.safetensors" for k in range(len(files))])
+    for k, name in enumerate(names):
+        os.replace(tmp / f"shard-{k:05d}.safetensors", tmp / name)
+    if len(files) > 1:
+        weight_map = {tensor: name for name, tensors in zip(names, files) for tensor in tensors}
         (tmp / "model.safetensors.index.json").write_text(
             json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
     hf = dict(cfg.hf_config)

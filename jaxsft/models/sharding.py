@@ -70,3 +70,18 @@ def state_shardings(state: nnx.State, mesh: Mesh, rules=LOGICAL_RULES) -> nnx.St
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
     """Batch-major arrays: the leading axis over the data-parallel axes (data, fsdp)."""
     return NamedSharding(mesh, PartitionSpec(("data", "fsdp"), *(None,) * (ndim - 1)))
+
+
+def global_array(value: np.ndarray, sharding: jax.sharding.Sharding) -> jax.Array:
+    """A global array from a host value every process holds: each process places only its own shards."""
+    value = np.asarray(value)
+    return jax.make_array_from_callback(value.shape, sharding, value.__getitem__)
+
+
+def host_array(x: jax.Array) -> np.ndarray:
+    """The whole value of `x` on this host, gathering shards held by other processes if needed."""
+    if getattr(x, "is_fully_addressable", True):
+        return np.asarray(jax.device_get(x))
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
