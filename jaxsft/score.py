@@ -180,7 +180,11 @@ def main() -> None:
     config = config_flags.DEFINE_config_file("config", None, "experiment config file", lock_config=True)
     workdir = flags.DEFINE_string("workdir", None, "experiment directory (gets memorization/)")
     flags.mark_flags_as_required(["config", "workdir"])
-    app.run(lambda argv: run(config.value, workdir.value))
+    def score(argv: list[str]) -> None:
+        del argv
+        run(config.value, workdir.value)
+
+    app.run(score)
 
 
 if __name__ == "__main__":

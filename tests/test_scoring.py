@@ -276,7 +276,8 @@ def test_cli_sampling_writes_datasets_readable_parquet(model_dir, tmp_path):
             "--config.scoring.method=sampling", "--config.scoring.num_samples=2", "--config.scoring.max_new_tokens=4",
             "--config.scoring.batch_size=8"]
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8")
-    subprocess.run(args, check=True, env=env, cwd=REPO, timeout=300)
+    done = subprocess.run(args, env=env, cwd=REPO, timeout=600, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
     assert score.memorization_done(tmp_path)
     files = sorted(str(f) for f in score.output_dir(tmp_path).glob("*.parquet"))
     ds = datasets.Dataset.from_parquet(files)

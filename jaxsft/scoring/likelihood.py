@@ -39,7 +39,7 @@ from jaxsft import batching, tokenization
 from jaxsft.data import answers as answers_lib
 from jaxsft.data import templates as templates_lib
 from jaxsft.models import Decoder, KVCache
-from jaxsft.models.sharding import batch_sharding
+from jaxsft.models.sharding import batch_sharding, global_array, host_array
 
 LEADS = ("", "the ")  # what may precede an alias in a completion and still count after normalisation
 _ARTICLES = ("a ", "an ", "the ")
@@ -128,7 +128,7 @@ def continuation_logprobs(model: Decoder, pairs: Sequence[Pair], *, temperature:
         shards = mesh.shape["data"] * mesh.shape["fsdp"]
         if batch_size % shards:
             raise ValueError(f"batch_size {batch_size} is not a multiple of the {shards} data shards of the mesh")
-    place = (lambda x: jax.device_put(x, batch_sharding(mesh, x.ndim))) if mesh is not None else jnp.asarray
+    place = (lambda x: global_array(x, batch_sharding(mesh, x.ndim))) if mesh is not None else jnp.asarray
     out = np.zeros(len(pairs), np.float64)
     for batch in plan_batches(pairs, batch_size, items_per_batch, buckets, continuation_buckets):
         prompt_ids, prompt_mask = batching.pad(batch.prompts, batch.prompt_bucket, batch_size, left=False,
@@ -141,7 +141,7 @@ def continuation_logprobs(model: Decoder, pairs: Sequence[Pair], *, temperature:
         item_prompt[:len(rows)] = rows
         logp = _continuation_logprobs(model, place(prompt_ids), place(prompt_mask), place(item_prompt),
                                       place(item_ids), place(item_mask), jnp.float32(temperature))
-        out[list(idx)] = np.asarray(logp)[:len(idx)]
+        out[list(idx)] = host_array(logp)[:len(idx)]
         if progress is not None:
             progress(len(idx))
     return out
