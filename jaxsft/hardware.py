@@ -132,7 +132,8 @@ def parse_slice(name: str) -> Slice:
 def maybe_initialize_distributed() -> bool:
     """Call `jax.distributed.initialize()` for a multi-process job, before any other JAX call.
 
-    Multi-process means: `JAXSFT_DISTRIBUTED=1` (set by `launch/tpu_vm.sh` on every TPU VM worker;
+    Multi-process means: `JAX_COORDINATOR_ADDRESS` with `JAXSFT_NUM_PROCESSES` and `JAXSFT_PROCESS_ID`
+    (explicit, as the tests start CPU processes), `JAXSFT_DISTRIBUTED=1` (set by `launch/tpu_vm.sh` on every TPU VM worker;
     JAX then finds the slice's coordinator and process ids itself), an explicit
     `JAX_COORDINATOR_ADDRESS`, or a SLURM / Open MPI job of more than one task. Returns whether it
     initialized.
@@ -145,5 +146,9 @@ def maybe_initialize_distributed() -> bool:
     wanted |= int(env.get("SLURM_NTASKS", "1")) > 1 or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
     if not wanted or jax.distributed.is_initialized():
         return False
-    jax.distributed.initialize()
+    if "JAXSFT_NUM_PROCESSES" in env:  # explicit, e.g. several CPU processes on one machine
+        jax.distributed.initialize(env["JAX_COORDINATOR_ADDRESS"], int(env["JAXSFT_NUM_PROCESSES"]),
+                                   int(env["JAXSFT_PROCESS_ID"]))
+    else:
+        jax.distributed.initialize()
     return True
