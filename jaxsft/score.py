@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 from absl import logging
 from etils import epath
 
+from jaxsft import config as config_lib
 from jaxsft import runtime
 from jaxsft.data import entity_questions
 from jaxsft.data.relations import ALL_RELATIONS, ID_RELATIONS, OOD_RELATIONS
@@ -133,6 +134,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, model=None, 
     """
     from tqdm import tqdm
 
+    config_lib.validate(cfg)
     out = output_dir(workdir)
     facts = load_facts(cfg)
     ids = list(facts["id"])
