@@ -6,6 +6,7 @@ from jaxsft import config
 
 def get_config():
     c = config.default_config()
+    c.model.scan_layers = True  # compiles in seconds instead of a minute per shape on the CPU
     c.data.relations = "all"  # ID relations train; ID and OOD relations test
     c.data.limit_per_relation = 30  # facts scored per relation and split
     c.scoring.batch_size = 64

@@ -171,6 +171,9 @@ class GGUFSource:
             hf_name, stem = mapped
             heads = self.config[arch.rope_rows[stem]] if stem in arch.rope_rows else None
             self._tensors[hf_name] = (tensor, heads)
+        # The metadata (a tokenizer's worth of small objects) is no longer needed: free it before
+        # the weights load.
+        self.reader.fields.clear()
 
     def keys(self) -> list[str]:
         return list(self._tensors)

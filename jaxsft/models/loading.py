@@ -195,10 +195,17 @@ def from_pretrained(path: str | os.PathLike, *, dtype: Any = jnp.float32, param_
         stacked = entries[0][1] is not None
 
         def read(index: tuple[slice, ...]) -> np.ndarray:
-            picked = entries[index[0]] if stacked else entries
-            inner = index[1:] if stacked else index
-            out = [_read_part(source, r, i, key, inner, params).astype(var.dtype) for r, i in picked]
-            return np.stack(out) if stacked else out[0]
+            if not stacked:
+                (rule, i), = entries
+                return _read_part(source, rule, i, key, index, params).astype(var.dtype, copy=False)
+            picked = entries[index[0]]
+            out = None
+            for k, (rule, i) in enumerate(picked):  # fill one buffer: no list of layers to stack
+                part = _read_part(source, rule, i, key, index[1:], params)
+                if out is None:
+                    out = np.empty((len(picked), *part.shape), var.dtype)
+                out[k] = part
+            return out
 
         return jax.make_array_from_callback(var.shape, sharding, read)
 
