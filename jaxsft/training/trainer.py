@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import logging
 import math
 import os
@@ -118,13 +117,6 @@ class _Metrics:
             self.writer.close()
 
 
-def _write(path: epath.Path, text: str) -> None:
-    """Write through a temporary sibling renamed over `path` (replacing an older file)."""
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _check_position(saved: dict[str, Any], expected: dict[str, Any], where: epath.Path) -> None:
     keys = ("batch_size", "seed", "num_items", "data_sha256")
     diff = {k: (saved.get(k), expected[k]) for k in keys if saved.get(k) != expected[k]}
@@ -143,7 +135,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, train_set:
     t = cfg.train
     workdir = epath.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    _write(workdir / "config.json", cfg.to_json_best_effort(indent=2))
+    runtime.atomic_write_text(workdir / "config.json", cfg.to_json_best_effort(indent=2))
     mesh = mesh or runtime.make_mesh(cfg)
     replicas = mesh.shape["data"] * mesh.shape["fsdp"]
     if t.batch_size % t.grad_accum or (t.batch_size // t.grad_accum) % replicas:
@@ -219,9 +211,9 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, train_set:
     if done == total:
         models.save_pretrained(model, workdir / "model")
         history = metrics_log.history
-        _write(workdir / "train_summary.json", json.dumps(dict(
+        runtime.atomic_write_json(workdir / "train_summary.json", dict(
             steps=total, items=len(examples), params=n_params, encoding=str(examples.report),
             truncated=len(examples.report.truncated), final_loss=history[-1]["loss"] if history else None,
             tokens_per_sec=float(np.median([h["tokens_per_sec"] for h in history])) if history else None,
-            peak_flops=peak, mesh=dict(mesh.shape)), indent=2))
+            peak_flops=peak, mesh=dict(mesh.shape)))
     return TrainResult(model, done, total, preempted, metrics_log.history)
