@@ -81,7 +81,8 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> epath.Pat
         name = select.set_name(s.level, s.size, s.seed)
         run_dir = train.run_dir(cell, workdir)
         metrics_file = run_dir / "eval" / "metrics.json"
-        if not metrics_file.exists():
+        metrics = json.loads(metrics_file.read_text()) if metrics_file.exists() else None
+        if metrics is None:
             model = None
             if not (run_dir / "model" / "config.json").exists():
                 with timings.stage(f"train {name}"):
@@ -91,14 +92,14 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> epath.Pat
                     raise SystemExit(0)
                 model = result.model
             with timings.stage(f"evaluate {name}"):
-                evaluate.run(cell, run_dir, scores_workdir=workdir / TEST_SCORES, model=model)
-        metrics = json.loads(metrics_file.read_text())
+                metrics = evaluate.run(cell, run_dir, scores_workdir=workdir / TEST_SCORES, model=model)
         cells.append(report.Cell(
             level=s.level, size=s.size, seed=s.seed,
             accuracy={role: {int(lv): a for lv, a in acc.items() if a is not None}
                       for role, acc in metrics["accuracy"].items()},
             macro={role: (m if m is not None else float("nan")) for role, m in metrics["macro"].items()}))
 
+    runtime.barrier("experiment done")
     trained, tested = score.read_rows(workdir), score.read_rows(workdir / TEST_SCORES)
     header = (f"Model `{cfg.model.path}`; {trained.num_rows} training facts and {tested.num_rows} test facts "
               f"scored ({cfg.scoring.method}); written {datetime.datetime.now():%Y-%m-%d %H:%M} on "

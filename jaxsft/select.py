@@ -145,6 +145,9 @@ def build_training_set(cfg: ml_collections.ConfigDict, workdir: str | os.PathLik
     out = workdir / "train_sets" / set_name(s.level, s.size, s.seed)
     if (out / "manifest.json").exists() and json.loads((out / "manifest.json").read_text()) == info:
         return datasets.load_from_disk(os.fspath(out))
+    if not runtime.is_writer():  # every process selected the same set; one saves it
+        runtime.barrier(f"training set {out.name}")
+        return train_set
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = epath.Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     train_set.save_to_disk(os.fspath(tmp))
@@ -153,6 +156,7 @@ def build_training_set(cfg: ml_collections.ConfigDict, workdir: str | os.PathLik
         shutil.rmtree(out)
     tmp.rename(out)
     logging.info("training set %s: %d items %s", out, info["count"], info["per_relation"])
+    runtime.barrier(f"training set {out.name}")
     return datasets.load_from_disk(os.fspath(out))
 
 
