@@ -144,7 +144,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, model=None, 
         if found != manifest:
             raise ValueError(f"{out} holds scores of another run ({found}); expected {manifest}. "
                              "Use another workdir or remove it.")
-    else:
+    elif runtime.is_writer():
         runtime.atomic_write_json(out / MANIFEST, manifest)
     size = cfg.scoring.shard_size
     num_shards = max(1, -(-len(facts) // size))
@@ -162,10 +162,14 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, model=None, 
             end = bar.n + len(shard)
             rows = score_facts(model, tokenizer, list(shard), cfg.scoring, mesh,
                                progress=lambda n: bar.update(min(n, end - bar.n)))
-            write_shard(out / _shard_name(k, num_shards), rows)
+            if runtime.is_writer():  # every process computed the rows; one writes them
+                write_shard(out / _shard_name(k, num_shards), rows)
             bar.update(end - bar.n)  # whole facts: the per-batch updates are fractions
+    runtime.barrier(f"scored {out}")
     table = read_rows(workdir)
     histogram = level_histogram(table)
+    if not runtime.is_writer():
+        return out
     runtime.atomic_write_json(out / f"{HISTOGRAM}.json", histogram)
     plot_histogram(histogram, out / f"{HISTOGRAM}.png",
                    f"memorization levels ({cfg.scoring.method}, {cfg.scoring.split}, {table.num_rows} facts)")
