@@ -8,7 +8,8 @@ def get_config():
     c = config.default_config()
     c.model.scan_layers = True  # compiles in seconds instead of a minute per shape on the CPU
     c.data.relations = "all"  # ID relations train; ID and OOD relations test
-    c.data.limit_per_relation = 30  # facts scored per relation and split
+    c.data.limit_per_relation = 20  # 200 training facts (10 in-domain relations)
+    c.data.test_limit_per_relation = 5  # 120 test facts (24 relations)
     c.scoring.batch_size = 64
     c.train.batch_size = 8
     c.train.checkpoint_every = 0  # the demo's runs are a few steps: checkpoint at the end only

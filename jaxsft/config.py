@@ -26,7 +26,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.data = ml_collections.ConfigDict(dict(
         path="",  # EntityQuestions directory; empty: the copy shipped with jaxsft
         relations="id",  # id | ood | all | comma-separated relation ids
-        limit_per_relation=0,  # 0: every item
+        limit_per_relation=0,  # facts scored per relation (training split); 0: every item
+        test_limit_per_relation=0,  # the same for the test split; 0: as limit_per_relation
     ))
 
     c.scoring = ml_collections.ConfigDict(dict(
@@ -114,6 +115,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
         except ValueError as err:
             _fail("data.relations", c.data.relations, f"id, ood, all or relation ids ({err})")
     positive("data.limit_per_relation", allow_zero=True)
+    positive("data.test_limit_per_relation", allow_zero=True)
     choice("scoring.method", ("likelihood", "sampling"))
     for split_field in ("scoring.split", "eval.split"):
         choice(split_field, ("train", "dev", "test"))

@@ -68,7 +68,9 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> epath.Pat
     workdir.mkdir(parents=True, exist_ok=True)
     timings = Timings(workdir)
     train_scoring = stage_config(cfg, scoring=dict(split="train"), data=dict(relations="id"))
-    test_scoring = stage_config(cfg, scoring=dict(split=cfg.eval.split), data=dict(relations="all"))
+    test_limit = cfg.data.test_limit_per_relation or cfg.data.limit_per_relation
+    test_scoring = stage_config(cfg, scoring=dict(split=cfg.eval.split),
+                                data=dict(relations="all", limit_per_relation=test_limit))
     for name, stage_cfg, where in (("score train facts", train_scoring, workdir),
                                    ("score test facts", test_scoring, workdir / TEST_SCORES)):
         if not score.memorization_done(where):
