@@ -9,12 +9,4 @@ from jaxsft import config
 
 
 def get_config():
-    c = config.default_config()
-    c.model.path = "Qwen/Qwen2-7B"
-    c.model.dtype = "bfloat16"
-    c.model.param_dtype = "float32"
-    c.model.scan_layers = True
-    c.model.remat = "full"
-    c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, 1  # FSDP over every chip of the slice
-    c.data.relations = "all"
-    return c
+    return config.accelerator_config("Qwen/Qwen2-7B", remat="full")

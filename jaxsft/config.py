@@ -83,6 +83,16 @@ def default_config() -> ml_collections.ConfigDict:
     return c
 
 
+def accelerator_config(model_path: str, remat: str = "full") -> ml_collections.ConfigDict:
+    """A real model on a GPU or TPU slice: bfloat16 compute over float32 master weights and moments,
+    FSDP over every device, layers scanned (fast compiles), and all 24 relations."""
+    c = default_config()
+    c.model.update(path=model_path, dtype="bfloat16", param_dtype="float32", scan_layers=True, remat=remat)
+    c.mesh.update(data=1, fsdp=-1, tensor=1)
+    c.data.relations = "all"
+    return c
+
+
 def _fail(field: str, value, expected: str) -> None:
     raise ValueError(f"config.{field} = {value!r}: expected {expected}")
 

@@ -36,21 +36,6 @@ CITIES = ["Paris", "Rome", "Oslo", "Lima", "Kyiv"]
 BACKEND_COMPILE = "/jax/core/compile/backend_compile_duration"  # jax.monitoring event of each XLA compilation
 
 
-def char_tokenizer():
-    """One token per character, BOS added by the post-processor; 76 ids, within the tiny vocab of 96."""
-    from tokenizers import Tokenizer, decoders, models as tok_models, processors
-    from transformers import PreTrainedTokenizerFast
-
-    specials = ["<pad>", "<s>", "</s>", "<unk>"]  # ids 0-3: the tiny models' bos 1 and eos 2
-    chars = sorted(set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 ?<|>.,'-"))
-    tok = Tokenizer(tok_models.BPE(vocab={t: i for i, t in enumerate(specials + chars)}, merges=[], unk_token="<unk>"))
-    tok.add_special_tokens(specials)
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    tok.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                                   unk_token="<unk>")
-
-
 def qa_set(n: int = 20) -> datasets.Dataset:
     return datasets.Dataset.from_dict({
         "question": [f"Where is {NAMES[i % 10]}{i // 10 or ''}?" for i in range(n)],
@@ -61,7 +46,7 @@ def qa_set(n: int = 20) -> datasets.Dataset:
 def model_dir(tmp_path_factory) -> pathlib.Path:
     directory = tmp_path_factory.mktemp("tiny-llama")
     hf_models.build("llama2", directory)
-    char_tokenizer().save_pretrained(directory)
+    hf_models.char_tokenizer().save_pretrained(directory)
     return directory
 
 
