@@ -25,11 +25,13 @@ LEVELS = (0, 1, 2, 3, 4)
 
 @dataclasses.dataclass(frozen=True)
 class Cell:
-    """One fine-tuning run and its accuracies: `accuracy[role][test level]`, role in id/ood."""
+    """One fine-tuning run and its accuracies: `accuracy[role][test level]`, role in id/ood. A cell
+    whose level has no training facts has `items == 0` and no accuracies."""
 
     level: str
     size: str
     seed: int
+    items: int
     accuracy: Mapping[str, Mapping[int, float]]
     macro: Mapping[str, float]
 
@@ -54,19 +56,19 @@ def _mean(values: Sequence[float]) -> str:
 
 
 def paper_table(cells: Sequence[Cell]) -> str:
-    """Rows: training level x size (mean ± std over seeds); columns: accuracy per test level and the
-    macro average, in domain then out of domain."""
+    """Rows: training level x size (mean ± std over seeds; items: training facts per seed); columns:
+    accuracy per test level and the macro average, in domain then out of domain."""
     groups: dict[tuple[str, str], list[Cell]] = collections.defaultdict(list)
     for c in cells:
         groups[(c.level, c.size)].append(c)
-    head = ["train level", "size"] + [f"{role} {col}" for role in ("ID", "OOD")
+    head = ["train level", "size", "items"] + [f"{role} {col}" for role in ("ID", "OOD")
                                        for col in [f"L{lv}" for lv in LEVELS] + ["avg"]]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for (level, size), group in sorted(groups.items(), key=lambda kv: (kv[0][0], _size_key(kv[0][1]))):
-        row = [level, size]
+        row = [level, size, "/".join(str(c.items) for c in group)]
         for role in ("id", "ood"):
-            row += [_mean([c.accuracy[role].get(lv, float("nan")) for c in group]) for lv in LEVELS]
-            row.append(_mean([c.macro[role] for c in group]))
+            row += [_mean([c.accuracy.get(role, {}).get(lv, float("nan")) for c in group]) for lv in LEVELS]
+            row.append(_mean([c.macro.get(role, float("nan")) for c in group]))
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 
@@ -94,7 +96,8 @@ def _plot_sizes(cells: Sequence[Cell], path: epath.Path) -> None:
     for ax, role in zip(axes, ("id", "ood")):
         by_level: dict[str, dict[str, list[float]]] = collections.defaultdict(lambda: collections.defaultdict(list))
         for c in cells:
-            by_level[c.level][c.size].append(c.macro[role])
+            if c.items:
+                by_level[c.level][c.size].append(c.macro[role])
         for level, sizes in sorted(by_level.items()):
             order = sorted(sizes, key=_size_key)
             ax.plot(order, [100 * np.mean(sizes[s]) for s in order], marker="o", label=f"train level {level}")

@@ -27,7 +27,7 @@ import ml_collections
 from etils import epath
 
 from jaxsft import config as config_lib
-from jaxsft import evaluate, report, runtime, score, select, train
+from jaxsft import evaluate, report, runtime, score, select, train, training
 
 TEST_SCORES = "test_scores"
 
@@ -85,18 +85,24 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> epath.Pat
         metrics_file = run_dir / "eval" / "metrics.json"
         metrics = json.loads(metrics_file.read_text()) if metrics_file.exists() else None
         if metrics is None:
+            train_set = select.build_training_set(cell, workdir)
+            if not len(train_set):
+                logging.warning("no training facts of level %s: cell %s is left empty", s.level, name)
+                cells.append(report.Cell(s.level, s.size, s.seed, 0, {}, {}))
+                continue
             model = None
             if not (run_dir / "model" / "config.json").exists():
                 with timings.stage(f"train {name}"):
-                    result = train.run(cell, workdir)
+                    result = training.train(cell, run_dir, train_set)
                 if result.preempted:
                     logging.warning("preempted while training %s; run again to resume", name)
                     raise SystemExit(0)
                 model = result.model
             with timings.stage(f"evaluate {name}"):
                 metrics = evaluate.run(cell, run_dir, scores_workdir=workdir / TEST_SCORES, model=model)
+        manifest = json.loads((workdir / "train_sets" / name / "manifest.json").read_text())
         cells.append(report.Cell(
-            level=s.level, size=s.size, seed=s.seed,
+            level=s.level, size=s.size, seed=s.seed, items=manifest["count"],
             accuracy={role: {int(lv): a for lv, a in acc.items() if a is not None}
                       for role, acc in metrics["accuracy"].items()},
             macro={role: (m if m is not None else float("nan")) for role, m in metrics["macro"].items()}))

@@ -10,7 +10,7 @@ import pytest
 
 import hf_models
 from jaxsft import config as config_lib
-from jaxsft import run, score, train
+from jaxsft import run, score, train, training
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -33,7 +33,7 @@ def tiny_config(tmp_path_factory):
 def test_run_writes_the_report_and_resumes_without_redoing_stages(tiny_config, tmp_path, monkeypatch):
     report = run.run(tiny_config, tmp_path)
     text = report.read_text()
-    assert "| mixed | 8 |" in text and "ID avg" in text
+    assert "| mixed | 8 | 8 |" in text and "ID avg" in text
     for plot in ("levels_train.png", "levels_test.png", "accuracy_vs_size.png"):
         assert (tmp_path / plot).stat().st_size > 1000
     cell = train.run_dir(run.stage_config(tiny_config, select=dict(level="mixed", size="8", seed=0)), tmp_path)
@@ -47,8 +47,8 @@ def test_run_writes_the_report_and_resumes_without_redoing_stages(tiny_config, t
         raise AssertionError("a finished stage ran again")
 
     monkeypatch.setattr(score, "run", must_not_run)
-    monkeypatch.setattr(train, "run", must_not_run)
-    assert run.run(tiny_config, tmp_path).read_text().count("| mixed | 8 |") == 1
+    monkeypatch.setattr(training, "train", must_not_run)
+    assert run.run(tiny_config, tmp_path).read_text().count("| mixed | 8 | 8 |") == 1
     assert (cell / "eval" / "metrics.json").exists()
 
 
