@@ -240,16 +240,15 @@ def main() -> None:
                                             max_new_tokens=cfg.max_new_tokens,
                                             **dict(sample, batch_size=args.full_batch_size))
         wall = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        sub_probs = likelihood.template_probabilities(model, tokenizer, sub, **lik)
-        lik_wall = time.perf_counter() - t0
         r_s = rates.mean(1)
-        results["full_protocol"] = dict(
-            facts=len(sub), sampling_s_per_fact=wall / len(sub), likelihood_s_per_fact=lik_wall / len(sub),
-            speed_ratio=(wall / len(sub)) / (lik_wall / len(sub)),
-            R_sampling=r_s.tolist(), R_likelihood=sub_probs.mean(1).tolist(),
-            **agreement(sub_probs.mean(1), [levels.expected_level(p, cfg.num_samples) for p in sub_probs],
-                        r_s, [levels.level(r) for r in r_s]))
+        results["full_protocol"] = dict(facts=len(sub), sampling_s_per_fact=wall / len(sub), R_sampling=r_s.tolist(),
+                                        levels_sampling=[levels.level(r) for r in r_s])
+        if probs is not None:
+            results["full_protocol"].update(
+                R_likelihood=probs[:len(sub)].mean(1).tolist(),
+                levels_likelihood=[levels.expected_level(p, cfg.num_samples) for p in probs[:len(sub)]])
+        if "likelihood" in results:
+            results["full_protocol"]["speed_ratio"] = wall / len(sub) / results["likelihood"]["s_per_fact"]
         save()
         print("full", results["full_protocol"], flush=True)
 

@@ -13,7 +13,8 @@ extend another one's (`" United States of America"` after `" United States"`) is
 event is inside the shorter one's, and what remains are disjoint events, so the sum is the
 probability of their union. What p_j does not count: answers later in the output ("in 1950 in
 Paris") and spellings that are not an alias; what it counts that sampling does not: a completion
-where the alias is the start of a longer word.
+where the alias is the start of a longer word. Levels come from the p_j as the level the sampling
+protocol most likely gives (`levels.expected_level`), so that level 0 exists.
 
 How it runs. Continuations that share a prompt share one prefill: a batch holds `batch_size`
 prompts, right-padded to a length bucket, and up to `items_per_prompt * batch_size` continuations,
@@ -26,7 +27,6 @@ shape is fixed by its (prompt bucket, continuation bucket), so a run compiles on
 from __future__ import annotations
 
 import dataclasses
-import functools
 import itertools
 from collections.abc import Callable, Mapping, Sequence
 
