@@ -135,7 +135,8 @@ def load_scored(directory: str | os.PathLike) -> datasets.Dataset:
 def build_training_set(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> datasets.Dataset:
     """Select `cfg.select` from `<workdir>/memorization` and save it to `<workdir>/train_sets/<name>`.
 
-    A set already saved with the same ids is loaded as is; a different one is replaced.
+    Selection is deterministic, so the set is returned from memory; the saved copy (kept when its
+    manifest still matches, replaced otherwise) is the record of what was trained on.
     """
     s = cfg.select
     workdir = epath.Path(workdir)
@@ -144,7 +145,7 @@ def build_training_set(cfg: ml_collections.ConfigDict, workdir: str | os.PathLik
     info = manifest(train_set, s.level, s.size, s.seed, [f.name for f in scored_dir.glob("*.parquet")])
     out = workdir / "train_sets" / set_name(s.level, s.size, s.seed)
     if (out / "manifest.json").exists() and json.loads((out / "manifest.json").read_text()) == info:
-        return datasets.load_from_disk(os.fspath(out))
+        return train_set
     if not runtime.is_writer():  # every process selected the same set; one saves it
         runtime.barrier(f"training set {out.name}")
         return train_set
@@ -157,7 +158,7 @@ def build_training_set(cfg: ml_collections.ConfigDict, workdir: str | os.PathLik
     tmp.rename(out)
     logging.info("training set %s: %d items %s", out, info["count"], info["per_relation"])
     runtime.barrier(f"training set {out.name}")
-    return datasets.load_from_disk(os.fspath(out))
+    return train_set
 
 
 def main() -> None:
