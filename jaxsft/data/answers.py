@@ -10,12 +10,13 @@ Aliases come from the editable data file `answer_aliases.json`: groups of names 
 is a common word ("US" -> "us") or a part of other names ("America" in "South America") are left
 out, since `contains_answer` would match them where they do not name the entity.
 """
-import json
 import os
 import unicodedata
 from collections.abc import Iterable
 from functools import cache, lru_cache
 from pathlib import Path
+
+from jaxsft.data.files import read_json
 
 ALIASES_FILE = Path(__file__).resolve().with_name("answer_aliases.json")
 
@@ -84,11 +85,7 @@ def alias_groups(path: str | os.PathLike | None = None) -> list[list[str]]:
     Every name normalises to a non-empty string that belongs to one group only.
     """
     file = Path(path) if path is not None else ALIASES_FILE
-    with open(file, encoding="utf-8") as f:
-        try:
-            table = json.load(f)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{file}: invalid JSON at line {error.lineno} column {error.colno}: {error.msg}") from None
+    table = read_json(file)
     if not isinstance(table, dict):
         raise ValueError(f"{file}: expected an object category -> list of alias groups")
     groups, owner = [], {}

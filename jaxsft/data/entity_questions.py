@@ -12,7 +12,6 @@ subject is recovered by stripping the template's text around `[X]`. Questions th
 are never dropped silently: `load` raises `SubjectParseError` listing them (file and row), or, with
 `strict=False`, warns with the same list and leaves them out.
 """
-import gzip
 import json
 import os
 import warnings
@@ -25,6 +24,7 @@ import datasets
 import pyarrow as pa
 from datasets.table import InMemoryTable
 
+from jaxsft.data.files import DataFormatError, read_json
 from jaxsft.data.relations import check_relations, role
 from jaxsft.data.templates import PLACEHOLDER
 
@@ -43,10 +43,6 @@ FEATURES = datasets.Features({
 })
 
 PathLike = str | os.PathLike
-
-
-class DataFormatError(ValueError):
-    """A data file whose content is not EntityQuestions records; the message names file and row."""
 
 
 @dataclass(frozen=True)
@@ -98,7 +94,7 @@ def query_templates(path: PathLike | None = None) -> dict[str, str]:
     `dataset.zip` does not), the shipped copy of the repository's file is used.
     """
     file = _query_templates_file(path)
-    templates = _read_json(file)
+    templates = read_json(file)
     if not isinstance(templates, dict):
         raise DataFormatError(f"{file}: expected an object relation -> template, got {type(templates).__name__}")
     for relation, template in templates.items():
@@ -177,7 +173,7 @@ def _query_templates_file(path: PathLike | None) -> Path:
 def _read_split(path: PathLike | None, split: str, relations: Sequence[str]) -> Iterator[tuple[str, str, list]]:
     if path is None:
         file = shipped_path(split)
-        by_relation = _read_json(file)
+        by_relation = read_json(file)
         if not isinstance(by_relation, dict):
             raise DataFormatError(f"{file}: expected an object relation -> records, got {type(by_relation).__name__}")
         for relation in relations:
@@ -193,7 +189,7 @@ def _read_split(path: PathLike | None, split: str, relations: Sequence[str]) -> 
     directory = root / split if (root / split).is_dir() else root
     for relation in relations:
         file = _find_file(directory, relation, split)
-        records = _read_jsonl(file) if file.suffix == ".jsonl" else _read_json(file)
+        records = _read_jsonl(file) if file.suffix == ".jsonl" else read_json(file)
         yield relation, str(file), _check_list(records, str(file))
 
 
@@ -205,17 +201,6 @@ def _find_file(directory: Path, relation: str, split: str) -> Path:
     if len(found) > 1:
         raise DataFormatError(f"both {found[0].name} and {found[1].name} in {directory}; keep one")
     return found[0]
-
-
-def _read_json(file: Path) -> Any:
-    try:
-        raw = gzip.decompress(file.read_bytes()) if file.suffix == ".gz" else file.read_bytes()
-        return json.loads(raw)
-    except json.JSONDecodeError as error:
-        where = f"line {error.lineno} column {error.colno}"
-        raise DataFormatError(f"{file}: invalid JSON at {where}: {error.msg}") from None
-    except UnicodeDecodeError as error:
-        raise DataFormatError(f"{file}: not UTF-8 text ({error.reason} at byte {error.start})") from None
 
 
 def _read_jsonl(file: Path) -> list:

@@ -4,9 +4,10 @@ The memorization score of a fact is built on the model's probability of `" " + o
 after `fill(template, subject)`, over the 21 templates of its relation. The templates live in the
 editable data file `completion_templates.json` (relation -> 21 strings with one `[X]`).
 """
-import json
 import os
 from pathlib import Path
+
+from jaxsft.data.files import read_json
 
 from jaxsft.data.relations import ALL_RELATIONS
 
@@ -25,11 +26,7 @@ def fill(template: str, subject: str) -> str:
 def completion_templates(path: str | os.PathLike | None = None) -> dict[str, list[str]]:
     """Relation -> its 21 completion templates, validated (default: the packaged file)."""
     file = Path(path) if path is not None else COMPLETION_TEMPLATES_FILE
-    with open(file, encoding="utf-8") as f:
-        try:
-            templates = json.load(f)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{file}: invalid JSON at line {error.lineno} column {error.colno}: {error.msg}") from None
+    templates = read_json(file)
     validate_completion_templates(templates, str(file))
     return {relation: templates[relation] for relation in ALL_RELATIONS}
 
