@@ -35,7 +35,7 @@ def default_config() -> ml_collections.ConfigDict:
         split="train",
         temperature=0.7,
         batch_size=64,
-        buckets=(32, 48, 64, 96, 128),  # padded sequence lengths
+        buckets=(12, 16, 24, 32, 48, 64, 128),  # padded prompt lengths (completion prompts: ~9-17 tokens)
         num_samples=10,  # sampling: per template
         max_new_tokens=32,
         top_k=0,  # 0: off
