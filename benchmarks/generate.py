@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import os
 import pathlib
 import statistics
 import time
 
 import numpy as np
+
+from common import write_json  # benchmarks/ is on sys.path when a script runs
 
 
 def interleaved(fns: dict, iters: int) -> dict[str, tuple[float, float, object]]:
@@ -100,10 +101,7 @@ def main() -> None:
                   for n in ours_models))
     result["devices"] = [str(d) for d in jax.devices()]
     result["cores"] = os.cpu_count()
-    out = pathlib.Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_json(result, args.out)
 
 
 if __name__ == "__main__":

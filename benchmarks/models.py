@@ -22,6 +22,8 @@ import subprocess
 import sys
 import time
 
+from common import write_json  # benchmarks/ is on sys.path when a script runs
+
 BATCH, LENGTH = 32, 32
 GOAL = 1.3  # peak load memory / float32 model size
 
@@ -165,10 +167,7 @@ def main() -> None:
         r = result["forward"][dtype]
         print(f"forward {dtype:8s} {BATCH}x{LENGTH}: ours {r['ours_tokens_per_s']:8.0f} tok/s, "
               f"torch {r['torch_tokens_per_s']:8.0f} tok/s, ours/torch {r['ratio']:.2f}x")
-    out = pathlib.Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_json(result, args.out)
 
 
 if __name__ == "__main__":

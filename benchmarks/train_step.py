@@ -30,6 +30,8 @@ from jaxsft.models import sharding
 from jaxsft.training import optim
 from jaxsft.training.step import TrainState, compile_train_step, shardings
 
+from common import write_json  # benchmarks/ is on sys.path when a script runs
+
 BATCH, LENGTH = 8, 32
 
 
@@ -128,10 +130,7 @@ def main() -> None:
     report = dict(model=args.model, batch=BATCH, length=LENGTH, steps=args.steps, warmup=args.warmup,
                   device=jax.devices()[0].device_kind, platform=platform.platform(), jax=jax.__version__,
                   results=results)
-    out = pathlib.Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_json(report, args.out)
 
 
 if __name__ == "__main__":
