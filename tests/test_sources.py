@@ -379,7 +379,7 @@ def test_unsupported_gguf_architecture(tmp_path):
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    message = f"unsupported GGUF architecture 'mamba' in {path}; supported: llama"
+    message = f"unsupported GGUF architecture 'mamba' in {path}; supported: llama, phi2, phi3, qwen2, qwen3"
     with pytest.raises(ValueError, match=message):
         GGUFSource(path)
     with pytest.raises(ValueError, match=message):
