@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -38,6 +39,7 @@ from jaxsft import config as config_lib
 from jaxsft import hardware, model_zoo, runtime
 from jaxsft.models import Decoder, KVCache, ModelConfig
 from jaxsft.models import sharding
+from jaxsft.workdir import Workdir
 
 STEPS = ("train", "score", "decode")
 
@@ -312,7 +314,7 @@ def main(argv: Sequence[str]) -> None:
     print(report(cfg, target, mesh, costs), flush=True)
     problems = misfits(target, costs)
     if _JSON.value:
-        runtime.atomic_write_json(_JSON.value, dict(
+        Workdir(os.path.dirname(os.path.abspath(_JSON.value))).write_json(os.path.basename(_JSON.value), dict(
             model=cfg.model.path, slice=target.accelerator_type, topology=target.topology_name,
             hbm_bytes=target.chip.hbm_bytes, mesh=dict(mesh.shape), fits=not problems,
             steps=[dict(dataclasses.asdict(c), total=c.total, fits=c.fits(target.chip.hbm_bytes)) for c in costs]))

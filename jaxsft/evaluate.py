@@ -1,9 +1,9 @@
 """QA evaluation: greedy answers to the test questions, accuracy per memorization level, ID and OOD.
 
-`python -m jaxsft.evaluate --config=configs/demo.py --workdir=runs/demo/sft/0-60-0` answers the test
-facts scored in `memorization/` (found in the workdir or the nearest directory above it) with the
-run's fine-tuned model (`<workdir>/model`, else `cfg.model.path`) and writes
-`<workdir>/eval/predictions.jsonl` and `<workdir>/eval/metrics.json`.
+`python -m jaxsft.evaluate --config=configs/demo.py --workdir=runs/demo --config.select.level=0`
+answers the scored test facts of the workdir (`score` with `scoring.split=test`) with the fine-tuned
+model of the grid cell `cfg.select` (its `model/`, else `cfg.model.path`) and writes the cell's
+`eval/predictions.jsonl` and `eval/metrics.json`.
 
 An answer is correct when the normalised output contains the normalised answer or one of its
 aliases (`jaxsft.data.answers`). Accuracy is reported per test level (0-4) for the in-domain and
@@ -21,12 +21,11 @@ from typing import Any
 
 import jax
 import ml_collections
-import pyarrow as pa
-import pyarrow.parquet as pq
 import tqdm
-from etils import epath
 
 from jaxsft import batching, generate, runtime, tokenization
+from jaxsft import score as score_stage
+from jaxsft import workdir as workdir_lib
 from jaxsft.data import answers, relations
 from jaxsft.models import Decoder
 
@@ -35,16 +34,18 @@ ROLES = {relations.ID: "id", relations.OOD: "ood"}  # relation role -> key in th
 COLUMNS = ("id", "split", "relation", "question", "answers", "level")
 
 
-def load_test_items(directory: str | os.PathLike, split: str = "test", limit_per_level: int = 0) -> list[dict]:
-    """The scored facts of `split` in `directory/*.parquet` (file-name order), with their relation's role;
+def load_test_items(workdir: str | os.PathLike | workdir_lib.Workdir, split: str = "test",
+                    limit_per_level: int = 0) -> list[dict]:
+    """The scored facts of `split` in `workdir` (shard order), with their relation's role;
     `limit_per_level` keeps the first items of each (role, level)."""
-    files = sorted(epath.Path(directory).glob("*.parquet"))
-    if not files:
-        raise FileNotFoundError(f"no scored facts (*.parquet) in {directory}: run `python -m jaxsft.score` first")
-    table = pa.concat_tables([pq.read_table(os.fspath(f), columns=list(COLUMNS)) for f in files])
+    table = score_stage.read_rows(workdir, split, columns=COLUMNS)
+    where = score_stage.output_dir(workdir, split).root
+    if not table.num_rows:
+        raise FileNotFoundError(f"no scored {split} facts in {where}: run `python -m jaxsft.score "
+                                f"--config.scoring.split={split}` first")
     items = [row for row in table.to_pylist() if row["split"] == split]
     if not items:
-        raise ValueError(f"no {split!r} facts among the {table.num_rows} scored in {directory}")
+        raise ValueError(f"no {split!r} facts among the {table.num_rows} scored in {where}")
     taken: dict[tuple[str, int], int] = {}
     kept = []
     for item in items:
@@ -133,33 +134,29 @@ def evaluate(model: Decoder, tokenizer, test_items: Sequence[Mapping[str, Any]],
     return predictions, result
 
 
-def scores_dir(workdir: str | os.PathLike) -> epath.Path:
-    """`memorization/` in `workdir` or the nearest directory above it (a run lives in `<exp>/sft/<set>`)."""
-    workdir = epath.Path(workdir).resolve()
-    for directory in (workdir, *workdir.parents):
-        if (directory / "memorization").is_dir():
-            return directory / "memorization"
-    raise FileNotFoundError(f"no memorization/ in {workdir} or above: run `python -m jaxsft.score` first")
-
-
-def run(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, *, scores_workdir: str | os.PathLike | None = None,
+def run(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike | workdir_lib.Workdir, *,
         model: Decoder | None = None, tokenizer=None) -> dict[str, Any]:
-    """Evaluate `model` (default: `<workdir>/model` if present, else `cfg.model.path`) on the scored test
-    facts; write `<workdir>/eval/predictions.jsonl` and `metrics.json`; return the metrics."""
-    workdir = epath.Path(workdir)
-    source = epath.Path(scores_workdir) / "memorization" if scores_workdir else scores_dir(workdir)
-    items = load_test_items(source, cfg.eval.split, cfg.eval.limit_per_level)
+    """Evaluate the grid cell `cfg.select` of the experiment `workdir` on its scored test facts: `model`
+    (default: the cell's `model/` if there, else `cfg.model.path`). Writes the cell's
+    `eval/predictions.jsonl` and `eval/metrics.json`; returns the metrics."""
+    from jaxsft import train
+
+    workdir = workdir_lib.Workdir(workdir)
+    cell = train.run_dir(cfg, workdir)
+    items = load_test_items(workdir, cfg.eval.split, cfg.eval.limit_per_level)
     model_path = None  # a model passed in is recorded as such
     if model is None:
-        model_path = os.fspath(workdir / "model") if (workdir / "model").exists() else cfg.model.path
-        logging.info("evaluating %s on %d %s facts from %s", model_path, len(items), cfg.eval.split, source)
+        fine_tuned = cell.sub(workdir_lib.MODEL)
+        model_path = os.fspath(fine_tuned) if fine_tuned.exists("config.json") else cfg.model.path
+        logging.info("evaluating %s on %d %s facts", model_path, len(items), cfg.eval.split)
         model = runtime.load_model(cfg, runtime.make_mesh(cfg), model_path)
-    predictions, result = evaluate(model, tokenizer or runtime.load_tokenizer(cfg), items, cfg)
-    result.update(model=model_path, scores=os.fspath(source), split=cfg.eval.split)
-    if jax.process_index() == 0:
-        out = workdir / "eval"
-        runtime.atomic_write_text(out / "predictions.jsonl", "".join(json.dumps(p) + "\n" for p in predictions))
-        runtime.atomic_write_json(out / "metrics.json", result)
+    predictions, result = evaluate(model, tokenizer or runtime.load_tokenizer(cfg), items, cfg,
+                                   progress=jax.process_index() == 0)
+    result.update(model=model_path, scores=os.fspath(score_stage.output_dir(workdir, cfg.eval.split)),
+                  split=cfg.eval.split)
+    out = cell.sub(workdir_lib.EVAL)
+    out.write_text("predictions.jsonl", "".join(json.dumps(p) + "\n" for p in predictions))
+    out.write_json("metrics.json", result)
     logging.info("accuracy (macro over levels): ID %s, OOD %s", result["macro"]["id"], result["macro"]["ood"])
     return result
 
@@ -173,15 +170,14 @@ def main() -> None:
 
     config = config_flags.DEFINE_config_file("config", None, "experiment config file (default: default_config())",
                                              lock_config=True)
-    workdir = flags.DEFINE_string("workdir", None, "run directory: holds model/, receives eval/")
-    scores = flags.DEFINE_string("scores_workdir", None, "directory holding memorization/ (default: the "
-                                 "workdir or the nearest directory above it that has one)")
+    workdir = flags.DEFINE_string("workdir", None, "experiment directory (local or gs://): holds the scored "
+                                  "test facts and sft/<cell>/")
     flags.mark_flags_as_required(["workdir"])
 
     def _main(argv):
         del argv
         hardware.maybe_initialize_distributed()
-        run(config.value or config_lib.default_config(), workdir.value, scores_workdir=scores.value)
+        run(config.value or config_lib.default_config(), workdir.value)
 
     app.run(_main)
 

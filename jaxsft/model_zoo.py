@@ -7,7 +7,6 @@ Values are the public `config.json` of each hub id; only fields that `ModelConfi
 from __future__ import annotations
 
 import json
-import pathlib
 from typing import Any
 
 _LLAMA2 = dict(model_type="llama", vocab_size=32000, hidden_act="silu", max_position_embeddings=4096,
@@ -50,12 +49,15 @@ def hf_config(path: str) -> dict[str, Any]:
     (its `config.json`), a `.gguf` file (its header), or the embedded default model."""
     if path in ARCHITECTURES:
         return dict(ARCHITECTURES[path])
-    from jaxsft import runtime
+    from jaxsft.models import sources
 
-    local = pathlib.Path(runtime.model_path(path)).expanduser()
-    if local.is_dir() and (local / "config.json").exists():
+    try:
+        local = sources.locate(path).local
+    except (FileNotFoundError, OSError, ValueError):
+        local = None
+    if local is not None and local.is_dir() and (local / "config.json").exists():
         return json.loads((local / "config.json").read_text())
-    if local.suffix == ".gguf" and local.exists():
+    if local is not None and local.suffix == ".gguf":
         from jaxsft.models.gguf import gguf_hf_config
 
         return gguf_hf_config(local)

@@ -16,9 +16,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from etils import epath  # noqa: E402
 
-from jaxsft import runtime  # noqa: E402
+from jaxsft.workdir import Workdir  # noqa: E402
 
 LEVELS = (0, 1, 2, 3, 4)
 
@@ -73,7 +72,7 @@ def paper_table(cells: Sequence[Cell]) -> str:
     return "\n".join(lines)
 
 
-def _plot_levels(counts: Mapping[str, Sequence[int]], path: epath.Path, title: str) -> None:
+def _plot_levels(counts: Mapping[str, Sequence[int]], title: str):
     fig, ax = plt.subplots(figsize=(10, 4))
     relations = list(counts)
     bottom = np.zeros(len(relations))
@@ -86,12 +85,10 @@ def _plot_levels(counts: Mapping[str, Sequence[int]], path: epath.Path, title: s
     ax.legend(ncol=5, fontsize="small")
     ax.tick_params(axis="x", rotation=60)
     fig.tight_layout()
-    with path.open("wb") as f:
-        fig.savefig(f, format="png", dpi=110)
-    plt.close(fig)
+    return fig
 
 
-def _plot_sizes(cells: Sequence[Cell], path: epath.Path) -> None:
+def _plot_sizes(cells: Sequence[Cell]):
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
     for ax, role in zip(axes, ("id", "ood")):
         by_level: dict[str, dict[str, list[float]]] = collections.defaultdict(lambda: collections.defaultdict(list))
@@ -106,19 +103,17 @@ def _plot_sizes(cells: Sequence[Cell], path: epath.Path) -> None:
     axes[0].set_ylabel("accuracy (%)")
     axes[1].legend(fontsize="small")
     fig.tight_layout()
-    with path.open("wb") as f:
-        fig.savefig(f, format="png", dpi=110)
-    plt.close(fig)
+    return fig
 
 
-def write(workdir: str | os.PathLike, *, train_levels: Mapping[str, Sequence[int]],
+def write(workdir: str | os.PathLike | Workdir, *, train_levels: Mapping[str, Sequence[int]],
           test_levels: Mapping[str, Sequence[int]], cells: Sequence[Cell], timings: Mapping[str, float],
-          header: str = "") -> epath.Path:
+          header: str = ""):
     """Write `report.md` and its plots into `workdir`; return the report's path."""
-    workdir = epath.Path(workdir)
-    _plot_levels(train_levels, workdir / "levels_train.png", "Memorization levels of the training facts")
-    _plot_levels(test_levels, workdir / "levels_test.png", "Memorization levels of the test facts")
-    _plot_sizes(cells, workdir / "accuracy_vs_size.png")
+    workdir = Workdir(workdir)
+    workdir.write_figure("levels_train.png", _plot_levels(train_levels, "Memorization levels of the training facts"))
+    workdir.write_figure("levels_test.png", _plot_levels(test_levels, "Memorization levels of the test facts"))
+    workdir.write_figure("accuracy_vs_size.png", _plot_sizes(cells))
 
     def counts_table(counts: Mapping[str, Sequence[int]]) -> str:
         rows = ["| relation | " + " | ".join(f"L{lv}" for lv in LEVELS) + " | total |", "|" + "---|" * 7]
@@ -158,6 +153,4 @@ Test facts:
 {timing_rows}
 | total | {sum(timings.values()):.1f} |
 """
-    path = workdir / "report.md"
-    runtime.atomic_write_text(path, text)
-    return path
+    return workdir.write_text("report.md", text)

@@ -1,4 +1,5 @@
-"""Score the memorization of facts: `<workdir>/memorization/`.
+"""Score the memorization of facts: `memorization/` of the workdir (`test_scores/memorization/` for
+the test or dev split).
 
     python -m jaxsft.score --config=configs/demo.py --workdir=runs/demo [--config.scoring.method=sampling]
 
@@ -6,30 +7,28 @@ Writes one parquet shard per `scoring.shard_size` facts (`shard-00000-of-00003.p
 per fact: id, split, relation, subject, question, answers, template_scores, R, level), then the
 per-relation level histogram (`levels.json`, `levels.png`) and the completion marker `done.json`.
 Shards are written atomically; `manifest.json` pins what is scored, so a run started again skips
-the shards it has and scores the rest, and a run of a different scoring config is refused.
+the shards it has and scores the rest, and a run of a different scoring config is refused. Only the
+shards the manifest names are read: a stray file in the directory changes nothing.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from collections.abc import Sequence
 
 import jax
 import ml_collections
 import pyarrow as pa
-import pyarrow.parquet as pq
 from absl import logging
-from etils import epath
 
 from jaxsft import config as config_lib
 from jaxsft import runtime
 from jaxsft.data import entity_questions
 from jaxsft.data.relations import ALL_RELATIONS, ID_RELATIONS, OOD_RELATIONS
 from jaxsft.scoring import levels, score_facts
+from jaxsft.workdir import Workdir, barrier
 
-OUTPUT_DIR = "memorization"
 MANIFEST = "manifest.json"
 DONE = "done.json"
 HISTOGRAM = "levels"
@@ -56,13 +55,13 @@ def load_facts(cfg: ml_collections.ConfigDict):
                                  limit_per_relation=cfg.data.limit_per_relation or None)
 
 
-def output_dir(workdir: str | os.PathLike) -> epath.Path:
-    return epath.Path(workdir) / OUTPUT_DIR
+def output_dir(workdir: str | os.PathLike | Workdir, split: str = "train") -> Workdir:
+    return Workdir(workdir).scores(split)
 
 
-def memorization_done(workdir: str | os.PathLike) -> bool:
-    """Whether `run` finished in `workdir`: every shard, the histogram and the marker are there."""
-    return (output_dir(workdir) / DONE).exists()
+def memorization_done(workdir: str | os.PathLike | Workdir, split: str = "train") -> bool:
+    """Whether `run` finished for `split` in `workdir`: every shard, the histogram and the marker are there."""
+    return output_dir(workdir, split).exists(DONE)
 
 
 def _manifest(cfg: ml_collections.ConfigDict, ids: Sequence[str]) -> dict:
@@ -76,21 +75,22 @@ def _manifest(cfg: ml_collections.ConfigDict, ids: Sequence[str]) -> dict:
                 ids_sha256=hashlib.sha256("\n".join(ids).encode()).hexdigest())
 
 
-def _shard_name(k: int, n: int) -> str:
+def shard_name(k: int, n: int) -> str:
     return f"shard-{k:05d}-of-{n:05d}.parquet"
 
 
-def write_shard(path: epath.Path, rows: Sequence[dict]) -> None:
-    """Write rows to `path` via a hidden temporary sibling and a rename."""
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-    pq.write_table(pa.Table.from_pylist(list(rows), schema=SCHEMA), os.fspath(tmp))
-    tmp.rename(path)
-
-
-def read_rows(workdir: str | os.PathLike) -> pa.Table:
-    """Every shard written so far, in shard order."""
-    files = sorted(output_dir(workdir).glob("shard-*.parquet"))
-    return pa.concat_tables([pq.read_table(os.fspath(f)) for f in files]) if files else SCHEMA.empty_table()
+def read_rows(workdir: str | os.PathLike | Workdir, split: str = "train", columns: Sequence[str] | None = None) -> pa.Table:
+    """The shards written so far for `split`, in shard order: those its manifest names, no others."""
+    out = output_dir(workdir, split)
+    if not out.exists(MANIFEST):
+        return SCHEMA.empty_table() if columns is None else SCHEMA.empty_table().select(list(columns))
+    m = out.read_json(MANIFEST)
+    n = max(1, -(-m["facts"] // m["shard_size"]))
+    files = [out.path(shard_name(k, n)) for k in range(n)]
+    tables = out.read_parquet([f for f in files if f.exists()], None if columns is None else list(columns))
+    if tables:
+        return pa.concat_tables(tables)
+    return SCHEMA.empty_table() if columns is None else SCHEMA.empty_table().select(list(columns))
 
 
 def level_histogram(table: pa.Table) -> dict[str, list[int]]:
@@ -101,7 +101,8 @@ def level_histogram(table: pa.Table) -> dict[str, list[int]]:
     return dict(sorted(counts.items(), key=lambda kv: ALL_RELATIONS.index(kv[0])))
 
 
-def plot_histogram(histogram: dict[str, list[int]], path: epath.Path, title: str) -> None:
+def plot_histogram(histogram: dict[str, list[int]], title: str):
+    """A stacked bar chart of facts per level and relation (a matplotlib figure)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -120,35 +121,31 @@ def plot_histogram(histogram: dict[str, list[int]], path: epath.Path, title: str
     ax.set_title(title)
     ax.legend()
     fig.tight_layout()
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}.png"
-    fig.savefig(os.fspath(tmp), dpi=100)
-    plt.close(fig)
-    tmp.rename(path)
+    return fig
 
 
-def run(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, model=None, tokenizer=None,
-        mesh: jax.sharding.Mesh | None = None) -> epath.Path:
-    """Score the facts of `cfg` into `<workdir>/memorization/`, resuming a run that stopped; returns it.
-
-    `model`, `tokenizer` and `mesh` default to the ones `cfg` describes.
+def run(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike | Workdir, model=None, tokenizer=None,
+        mesh: jax.sharding.Mesh | None = None) -> Workdir:
+    """Score the facts of `cfg` into the workdir's scores of `cfg.scoring.split`, resuming a run that
+    stopped; returns that directory. `model`, `tokenizer` and `mesh` default to the ones `cfg` describes.
     """
     from tqdm import tqdm
 
     config_lib.validate(cfg)
-    out = output_dir(workdir)
+    out = output_dir(workdir, cfg.scoring.split)
     facts = load_facts(cfg)
     ids = list(facts["id"])
     manifest = _manifest(cfg, ids)
-    if (out / MANIFEST).exists():
-        found = json.loads((out / MANIFEST).read_text())
+    if out.exists(MANIFEST):
+        found = out.read_json(MANIFEST)
         if found != manifest:
-            raise ValueError(f"{out} holds scores of another run ({found}); expected {manifest}. "
+            raise ValueError(f"{out.root} holds scores of another run ({found}); expected {manifest}. "
                              "Use another workdir or remove it.")
-    elif runtime.is_writer():
-        runtime.atomic_write_json(out / MANIFEST, manifest)
+    else:
+        out.write_json(MANIFEST, manifest)
     size = cfg.scoring.shard_size
     num_shards = max(1, -(-len(facts) // size))
-    todo = [k for k in range(num_shards) if not (out / _shard_name(k, num_shards)).exists()]
+    todo = [k for k in range(num_shards) if not out.exists(shard_name(k, num_shards))]
     if todo:
         if mesh is None:
             mesh = runtime.make_mesh(cfg)
@@ -156,25 +153,23 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, model=None, 
         tokenizer = tokenizer if tokenizer is not None else runtime.load_tokenizer(cfg)
     done_facts = len(facts) - sum(min(len(facts), (k + 1) * size) - k * size for k in todo)
     with tqdm(total=len(facts), initial=done_facts, unit="fact", unit_scale=True,
-              desc=f"memorization ({cfg.scoring.method})") as bar:
+              desc=f"memorization ({cfg.scoring.method})", disable=jax.process_index() != 0) as bar:
         for k in todo:
             shard = facts.select(range(k * size, min(len(facts), (k + 1) * size)))
             end = bar.n + len(shard)
             rows = score_facts(model, tokenizer, list(shard), cfg.scoring, mesh,
                                progress=lambda n: bar.update(min(n, end - bar.n)))
-            if runtime.is_writer():  # every process computed the rows; one writes them
-                write_shard(out / _shard_name(k, num_shards), rows)
+            # every process computed the rows; one writes them
+            out.write_parquet(shard_name(k, num_shards), pa.Table.from_pylist(list(rows), schema=SCHEMA))
             bar.update(end - bar.n)  # whole facts: the per-batch updates are fractions
-    runtime.barrier(f"scored {out}")
-    table = read_rows(workdir)
+    barrier(f"scored {out.root}")
+    table = read_rows(workdir, cfg.scoring.split)
     histogram = level_histogram(table)
-    if not runtime.is_writer():
-        return out
-    runtime.atomic_write_json(out / f"{HISTOGRAM}.json", histogram)
-    plot_histogram(histogram, out / f"{HISTOGRAM}.png",
-                   f"memorization levels ({cfg.scoring.method}, {cfg.scoring.split}, {table.num_rows} facts)")
-    runtime.atomic_write_json(out / DONE, dict(facts=table.num_rows, shards=num_shards))
-    logging.info("memorization: %d facts scored in %s", table.num_rows, out)
+    out.write_json(f"{HISTOGRAM}.json", histogram)
+    out.write_figure(f"{HISTOGRAM}.png", plot_histogram(
+        histogram, f"memorization levels ({cfg.scoring.method}, {cfg.scoring.split}, {table.num_rows} facts)"), dpi=100)
+    out.write_json(DONE, dict(facts=table.num_rows, shards=num_shards))
+    logging.info("memorization: %d facts scored in %s", table.num_rows, out.root)
     return out
 
 

@@ -1,8 +1,8 @@
 """SFT training sets: facts of one memorization level, balanced across the in-domain relations.
 
 `python -m jaxsft.select --config=configs/demo.py --workdir=runs/demo --config.select.level=2`
-reads the scored facts (`<workdir>/memorization/*.parquet`) and writes
-`<workdir>/train_sets/level2-size60-seed0/` (datasets `save_to_disk`) with its `manifest.json`.
+reads the scored facts (`memorization/` of the workdir) and writes
+`train_sets/level2-size60-seed0/` (datasets `save_to_disk`) with its `manifest.json`.
 
 Selection is a pure function of (scored facts, level, size, seed):
 
@@ -23,21 +23,17 @@ import hashlib
 import json
 import logging
 import os
-import shutil
-import tempfile
 import zlib
 from collections.abc import Iterable, Mapping, Sequence
 
 import datasets
 import ml_collections
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 from datasets.table import InMemoryTable
-from etils import epath
 
-from jaxsft import runtime
+from jaxsft import score
 from jaxsft.data.relations import ID_RELATIONS
+from jaxsft.workdir import Workdir, barrier
 
 LEVELS = ("0", "1", "2", "3", "4")
 MIXED = "mixed"
@@ -123,41 +119,45 @@ def manifest(train_set: datasets.Dataset, level: str | int, size: str | int, see
     )
 
 
-def load_scored(directory: str | os.PathLike) -> datasets.Dataset:
-    """Every `*.parquet` shard of the memorization output, concatenated in file-name order."""
-    files = sorted(epath.Path(directory).glob("*.parquet"))
-    if not files:
-        raise FileNotFoundError(f"no scored facts (*.parquet) in {directory}: run `python -m jaxsft.score` first")
-    table = pa.concat_tables([pq.read_table(os.fspath(f)) for f in files], promote_options="default")
+def load_scored(workdir: str | os.PathLike | Workdir, split: str = "train") -> datasets.Dataset:
+    """The scored facts of `split` in `workdir` (every shard its manifest names, in order)."""
+    table = score.read_rows(workdir, split)
+    if not table.num_rows:
+        raise FileNotFoundError(f"no scored {split} facts in {score.output_dir(workdir, split).root}: "
+                                "run `python -m jaxsft.score` first")
     return datasets.Dataset(InMemoryTable(table))
 
 
-def build_training_set(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> datasets.Dataset:
-    """Select `cfg.select` from `<workdir>/memorization` and save it to `<workdir>/train_sets/<name>`.
+MANIFEST = "manifest.json"
 
-    Selection is deterministic, so the set is returned from memory; the saved copy (kept when its
-    manifest still matches, replaced otherwise) is the record of what was trained on.
+
+def build_training_set(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike | Workdir) -> datasets.Dataset:
+    """Select `cfg.select` from the workdir's scored facts and save it to `train_sets/<name>`.
+
+    Selection is deterministic, so the set is returned from memory; the saved copy is the record of
+    what was trained on. A saved set is never replaced: one whose manifest differs (the scores
+    changed since) is an error naming both.
     """
     s = cfg.select
-    workdir = epath.Path(workdir)
-    scored_dir = workdir / "memorization"
-    train_set = select(load_scored(scored_dir), s.level, s.size, s.seed, split=cfg.scoring.split)
-    info = manifest(train_set, s.level, s.size, s.seed, [f.name for f in scored_dir.glob("*.parquet")])
-    out = workdir / "train_sets" / set_name(s.level, s.size, s.seed)
-    if (out / "manifest.json").exists() and json.loads((out / "manifest.json").read_text()) == info:
+    workdir = Workdir(workdir)
+    scored = score.output_dir(workdir, cfg.scoring.split)
+    train_set = select(load_scored(workdir, cfg.scoring.split), s.level, s.size, s.seed, split=cfg.scoring.split)
+    info = manifest(train_set, s.level, s.size, s.seed, [f.name for f in scored.glob("shard-*.parquet")])
+    out = workdir.train_set(set_name(s.level, s.size, s.seed))
+    if out.exists(MANIFEST):
+        saved = out.read_json(MANIFEST)
+        if saved != info:
+            raise ValueError(f"the training set {out.root} was selected from other scores (saved {saved}, "
+                             f"now {info}); it is kept as it is: use another workdir, or move it away to select again")
         return train_set
-    if not runtime.is_writer():  # every process selected the same set; one saves it
-        runtime.barrier(f"training set {out.name}")
-        return train_set
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = epath.Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    train_set.save_to_disk(os.fspath(tmp))
-    runtime.atomic_write_json(tmp / "manifest.json", info)
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
-    logging.info("training set %s: %d items %s", out, info["count"], info["per_relation"])
-    runtime.barrier(f"training set {out.name}")
+
+    def fill(local) -> None:
+        train_set.save_to_disk(os.fspath(local))
+        (local / MANIFEST).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
+
+    out.publish(fill, MANIFEST)
+    logging.info("training set %s: %d items %s", out.root, info["count"], info["per_relation"])
+    barrier(f"training set {out.root.name}")
     return train_set
 
 
@@ -169,7 +169,11 @@ def main() -> None:
     config = config_flags.DEFINE_config_file("config", None, "experiment config file", lock_config=True)
     workdir = flags.DEFINE_string("workdir", None, "experiment directory (holds memorization/)")
     flags.mark_flags_as_required(["config", "workdir"])
-    app.run(lambda argv: build_training_set(config.value, workdir.value))
+    def _main(argv: list[str]) -> None:
+        del argv
+        build_training_set(config.value, workdir.value)
+
+    app.run(_main)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,9 @@
 """`python -m jaxsft.train --config=configs/demo.py --workdir=runs/demo`: one fine-tuning run.
 
-The training set of `cfg.select` is built from `<workdir>/memorization` (see `jaxsft.select`) and
-the run writes to `<workdir>/sft/level<L>-size<S>-seed<N>/` (`run_dir`): checkpoints, TensorBoard
-logs and the fine-tuned model in HF format (`model/`). Run it again to resume; SIGTERM checkpoints
-and exits 0.
+The training set of `cfg.select` is built from the workdir's scored facts (see `jaxsft.select`) and
+the run writes to `sft/level<L>-size<S>-seed<N>/` of the workdir (`run_dir`): checkpoints,
+TensorBoard logs and the fine-tuned model in HF format (`model/`). Run it again to resume; SIGTERM
+checkpoints and exits 0.
 """
 
 from __future__ import annotations
@@ -11,18 +11,19 @@ from __future__ import annotations
 import os
 
 import ml_collections
-from etils import epath
 
 from jaxsft import hardware, select
 from jaxsft.training import TrainResult, train
+from jaxsft.workdir import Workdir
 
 
-def run_dir(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> epath.Path:
+def run_dir(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike | Workdir) -> Workdir:
+    """The directory of the grid cell `cfg.select` in the experiment `workdir`."""
     s = cfg.select
-    return epath.Path(workdir) / "sft" / select.set_name(s.level, s.size, s.seed)
+    return Workdir(workdir).cell(select.set_name(s.level, s.size, s.seed))
 
 
-def run(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> TrainResult:
+def run(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike | Workdir) -> TrainResult:
     return train(cfg, run_dir(cfg, workdir), select.build_training_set(cfg, workdir))
 
 

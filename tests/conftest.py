@@ -26,3 +26,17 @@ def smollm2_gguf() -> pathlib.Path:
     path = pathlib.Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
     assert path.exists(), path
     return path
+
+
+def write_scores(workdir, rows: list[dict], split: str = "train", shards: int = 2) -> None:
+    """Scored facts as `jaxsft.score` lays them out (manifest + shards), for stages downstream of it."""
+    import pyarrow as pa
+
+    from jaxsft import score
+    from jaxsft.workdir import Workdir
+
+    out = score.output_dir(Workdir(workdir), split)
+    size = -(-len(rows) // shards)
+    out.write_json(score.MANIFEST, dict(facts=len(rows), shard_size=size, split=split))
+    for k in range(shards):
+        out.write_parquet(score.shard_name(k, shards), pa.Table.from_pylist(rows[k * size:(k + 1) * size]))

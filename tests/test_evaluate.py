@@ -8,11 +8,10 @@ import os
 import subprocess
 import sys
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
 import hf_models
+from conftest import write_scores
 from jaxsft import config, evaluate, models, tokenization
 
 ITEMS = [  # (relation, level, question, answers)
@@ -66,27 +65,21 @@ def test_macro_weighs_levels_equally():
     assert m["macro"]["ood"] is None and m["count"]["ood"] == dict.fromkeys("01234", 0)
 
 
-def _write_scores(directory, rows: list[dict]) -> None:
-    directory.mkdir(parents=True)
-    half = len(rows) // 2  # two shards, read in file-name order
-    for name, part in (("shard-00000.parquet", rows[:half]), ("shard-00001.parquet", rows[half:])):
-        pq.write_table(pa.Table.from_pylist(part), directory / name)
-
-
 def test_load_test_items(tmp_path):
     rows = _items()
     rows.insert(3, dict(rows[0], id="P17.train.9", split="train"))
-    _write_scores(tmp_path / "memorization", rows)
-    items = evaluate.load_test_items(tmp_path / "memorization")
+    write_scores(tmp_path, rows, split="test")
+    items = evaluate.load_test_items(tmp_path)
     assert [it["id"] for it in items] == [r["id"] for r in _items()]
     assert items[3]["answers"] == ["Saint Petersburg"] and items[3]["role"] == "ID" and items[5]["role"] == "OOD"
-    limited = evaluate.load_test_items(tmp_path / "memorization", limit_per_level=1)
+    limited = evaluate.load_test_items(tmp_path, limit_per_level=1)
     assert [it["id"] for it in limited] == ["P17.test.0", "P36.test.2", "P19.test.3", "P19.test.4", "P26.test.5",
                                             "P50.test.6"]
+    write_scores(tmp_path / "other", rows, split="dev")  # the dev scores hold no dev facts
     with pytest.raises(ValueError, match="no 'dev' facts"):
-        evaluate.load_test_items(tmp_path / "memorization", split="dev")
-    with pytest.raises(FileNotFoundError, match="no scored facts"):
-        evaluate.load_test_items(tmp_path)
+        evaluate.load_test_items(tmp_path / "other", split="dev")
+    with pytest.raises(FileNotFoundError, match="no scored test facts"):
+        evaluate.load_test_items(tmp_path / "none")
 
 
 def char_tokenizer():
@@ -153,11 +146,11 @@ def test_answers_stop_at_newline_and_eos(tiny):
 
 def test_run_writes_predictions_and_metrics(tiny, tmp_path):
     directory, _, _ = tiny
-    _write_scores(tmp_path / "memorization", _items())
-    workdir = tmp_path / "sft" / "0-60-0"
+    write_scores(tmp_path, _items(), split="test")
+    workdir = tmp_path / "sft" / "level0-size60-seed0"
     cfg = _cfg()
     cfg.model.path = os.fspath(directory)
-    result = evaluate.run(cfg, workdir)  # finds ../../memorization, loads the model and its tokenizer
+    result = evaluate.run(cfg, tmp_path)  # no fine-tuned model in the cell: loads cfg.model and its tokenizer
     records = [json.loads(line) for line in (workdir / "eval" / "predictions.jsonl").read_text().splitlines()]
     assert [r["id"] for r in records] == [it["id"] for it in _items()]
     assert json.loads((workdir / "eval" / "metrics.json").read_text()) == json.loads(json.dumps(result))
@@ -167,7 +160,7 @@ def test_run_writes_predictions_and_metrics(tiny, tmp_path):
 
 def test_cli(tiny, tmp_path):
     directory, _, _ = tiny
-    _write_scores(tmp_path / "memorization", _items())
+    write_scores(tmp_path, _items(), split="test")
     (tmp_path / "config.py").write_text(
         "from jaxsft import config\n\n"
         "def get_config():\n"
@@ -179,6 +172,6 @@ def test_cli(tiny, tmp_path):
                            f"--workdir={tmp_path}", "--config.eval.batch_size=8"],
                           capture_output=True, text=True, timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
     assert proc.returncode == 0, proc.stderr[-3000:]
-    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    metrics = json.loads((tmp_path / "sft" / "level0-size60-seed0" / "eval" / "metrics.json").read_text())
     assert metrics["items"] == len(ITEMS) and set(metrics["macro"]) == {"id", "ood"}
     assert "evaluate" in proc.stderr  # the tqdm bar

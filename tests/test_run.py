@@ -37,10 +37,10 @@ def test_run_writes_the_report_and_resumes_without_redoing_stages(tiny_config, t
     for plot in ("levels_train.png", "levels_test.png", "accuracy_vs_size.png"):
         assert (tmp_path / plot).stat().st_size > 1000
     cell = train.run_dir(run.stage_config(tiny_config, select=dict(level="mixed", size="8", seed=0)), tmp_path)
-    assert (cell / "model" / "config.json").exists()
+    assert cell.exists("model", "config.json")
 
     # Killed after training, before evaluating: the rerun only evaluates and reports.
-    (cell / "eval" / "metrics.json").unlink()
+    cell.path("eval", "metrics.json").unlink()
     report.unlink()
 
     def must_not_run(*args, **kwargs):
@@ -49,7 +49,7 @@ def test_run_writes_the_report_and_resumes_without_redoing_stages(tiny_config, t
     monkeypatch.setattr(score, "run", must_not_run)
     monkeypatch.setattr(training, "train", must_not_run)
     assert run.run(tiny_config, tmp_path).read_text().count("| mixed | 8 | 8 |") == 1
-    assert (cell / "eval" / "metrics.json").exists()
+    assert cell.exists("eval", "metrics.json")
 
 
 @pytest.mark.parametrize("override, message", [

@@ -259,9 +259,9 @@ def test_run_resumes_after_a_kill(model_dir, tmp_path, monkeypatch):
     assert ids == expected and len(set(ids)) == 6
     assert table.schema.names == score.SCHEMA.names
     assert all(len(v) == 21 for v in table.column("template_scores").to_pylist())
-    histogram = json.loads((out / "levels.json").read_text())
+    histogram = out.read_json("levels.json")
     assert set(histogram) == {"P17", "P19"} and sum(map(sum, histogram.values())) == 6
-    assert os.path.getsize(out / "levels.png") > 0
+    assert os.path.getsize(out.path("levels.png")) > 0
 
     cfg.scoring.temperature = 0.5  # another scorer: refused, not mixed in
     with pytest.raises(ValueError, match="another run"):

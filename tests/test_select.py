@@ -6,11 +6,10 @@ import json
 import logging
 
 import datasets
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 from hypothesis import given, strategies as st
 
+from conftest import write_scores
 from jaxsft import config as config_lib
 from jaxsft import select
 from jaxsft.data.relations import ID_RELATIONS, OOD_RELATIONS
@@ -105,10 +104,7 @@ def test_allocate_is_as_equal_as_the_groups_allow(available, size):
 
 
 def test_build_training_set_saves_data_and_manifest(tmp_path):
-    (tmp_path / "memorization").mkdir()
-    rows = scored_rows()
-    for k in range(2):  # two shards
-        pq.write_table(pa.Table.from_pylist(rows[k::2]), tmp_path / "memorization" / f"part-{k:05d}.parquet")
+    write_scores(tmp_path, scored_rows(), shards=2)
     cfg = config_lib.default_config()
     cfg.select.update(level="4", size="60", seed=3)
     ds = select.build_training_set(cfg, tmp_path)

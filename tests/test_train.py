@@ -17,12 +17,11 @@ import datasets
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 from flax import nnx
 
 import hf_models
+from conftest import write_scores
 from jaxsft import config as config_lib
 from jaxsft import models, tokenization
 from jaxsft.data.relations import ID_RELATIONS
@@ -275,8 +274,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_zero(model_dir, tmp_path):
     rows = [dict(id=f"{r}-{i}", split="train", relation=r, subject=n, question=f"Where is {n}?",
                  answers=[CITIES[i % 5]], templates=[0.5], R=0.5, level=0)
             for r in ID_RELATIONS for i, n in enumerate(NAMES[:3])]
-    (tmp_path / "memorization").mkdir()
-    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "memorization" / "part-00000.parquet")
+    write_scores(tmp_path, rows, shards=1)
     config = tmp_path / "config.py"
     config.write_text(textwrap.dedent(f"""
         from jaxsft import config

@@ -11,8 +11,6 @@ import json
 import os
 import pathlib
 import re
-import shutil
-import tempfile
 from typing import Any
 
 import jax
@@ -24,7 +22,7 @@ from jax.sharding import Mesh, SingleDeviceSharding
 from jaxsft.models import sharding as shd
 from jaxsft.models.config import ModelConfig
 from jaxsft.models.decoder import Decoder
-from jaxsft.models.sources import TensorSource, open_source
+from jaxsft.models.sources import ModelFiles, TensorSource, open_source
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,30 +151,14 @@ def _check(cfg: ModelConfig, plan, params, source: TensorSource) -> None:
                          + "; ".join(problems))
 
 
-def _resolve(path: str | os.PathLike) -> tuple[dict[str, Any], TensorSource]:
-    local = pathlib.Path(path).expanduser()
-    if local.exists():
-        return open_source(local)
-    if re.fullmatch(r"[\w.-]+/[\w.-]+", str(path)):
-        from huggingface_hub import snapshot_download
-
-        try:
-            directory = snapshot_download(str(path), allow_patterns=["*.json", "*.safetensors", "tokenizer*"])
-        except Exception as err:  # offline, unknown repo, no network: say so at once
-            raise OSError(f"cannot fetch {path!r} from the Hugging Face hub ({type(err).__name__}: {err}); "
-                          "pass a local directory or .gguf file instead") from err
-        return open_source(pathlib.Path(directory))
-    raise FileNotFoundError(f"no checkpoint at {path!r}: not a local directory, .gguf file or hub id")
-
-
-def from_pretrained(path: str | os.PathLike, *, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
+def from_pretrained(path: str | os.PathLike | ModelFiles, *, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
                     mesh: Mesh | None = None, rules=shd.LOGICAL_RULES, **config_overrides: Any) -> Decoder:
     """Load an HF directory (safetensors, single or sharded), a `.gguf` file, or a hub id.
 
     Tensors stream from memory maps one by one onto their shardings (`mesh` or the first device);
     `config_overrides` set `ModelConfig` fields such as `scan_layers` or `remat`.
     """
-    hf_config, source = _resolve(path)
+    hf_config, source = open_source(path)
     cfg = ModelConfig.from_hf(hf_config, **config_overrides)
     abstract = nnx.eval_shape(lambda: Decoder(cfg, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
@@ -219,9 +201,9 @@ def from_pretrained(path: str | os.PathLike, *, dtype: Any = jnp.float32, param_
 
 
 def save_pretrained(model: Decoder, out_dir: str | os.PathLike, *, max_shard_bytes: int = 2 << 30) -> pathlib.Path:
-    """Write `config.json` + safetensors (sharded past `max_shard_bytes`) that transformers loads.
-
-    Written into a temporary directory first and renamed into place, so a crash leaves no half model.
+    """Write `config.json` + safetensors (sharded past `max_shard_bytes`) that transformers loads
+    into the local directory `out_dir`, `config.json` last. Every process must call it (the params
+    are gathered); process 0 writes. `Workdir.write_dir` publishes it atomically, local or `gs://`.
     """
     from safetensors.numpy import save_file
 
@@ -233,14 +215,13 @@ def save_pretrained(model: Decoder, out_dir: str | os.PathLike, *, max_shard_byt
     out_dir = pathlib.Path(out_dir)
     writer = jax.process_index() == 0  # every process gathers the params (a collective); one writes
     if writer:
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+        out_dir.mkdir(parents=True, exist_ok=True)
     files: list[list[str]] = []  # tensor names per written shard
     shard: dict[str, np.ndarray] = {}
 
     def flush() -> None:
         if writer and shard:
-            save_file(shard, str(tmp / f"shard-{len(files):05d}.safetensors"), metadata={"format": "pt"})
+            save_file(shard, str(out_dir / f"shard-{len(files):05d}.safetensors"), metadata={"format": "pt"})
         files.append(list(shard))
         shard.clear()
 
@@ -263,18 +244,15 @@ def save_pretrained(model: Decoder, out_dir: str | os.PathLike, *, max_shard_byt
     names = (["model.safetensors"] if len(files) == 1 else
              [f"model-{k + 1:05d}-of-{len(files):05d}.safetensors" for k in range(len(files))])
     for k, name in enumerate(names):
-        os.replace(tmp / f"shard-{k:05d}.safetensors", tmp / name)
+        os.replace(out_dir / f"shard-{k:05d}.safetensors", out_dir / name)
     if len(files) > 1:
         weight_map = {tensor: name for name, tensors in zip(names, files) for tensor in tensors}
-        (tmp / "model.safetensors.index.json").write_text(
+        (out_dir / "model.safetensors.index.json").write_text(
             json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
     hf = dict(cfg.hf_config)
     dtype_name = {np.dtype(np.float32): "float32", np.dtype(jnp.bfloat16): "bfloat16",
                   np.dtype(np.float16): "float16"}[np.dtype(model.embed[...].dtype)]
     hf.update(dtype=dtype_name, tie_word_embeddings=cfg.tie_embeddings)
     hf.pop("torch_dtype", None)
-    (tmp / "config.json").write_text(json.dumps(hf, indent=2))
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
+    (out_dir / "config.json").write_text(json.dumps(hf, indent=2))
     return out_dir

@@ -20,7 +20,7 @@ from jaxsft.training.step import TrainState
 
 class Checkpoints:
     def __init__(self, directory: str | os.PathLike, keep: int):
-        self.directory = epath.Path(directory).absolute()
+        self.directory = epath.Path(directory)
         self.manager = ocp.CheckpointManager(self.directory, options=ocp.CheckpointManagerOptions(
             max_to_keep=keep, enable_async_checkpointing=True))
 
@@ -59,8 +59,12 @@ class Checkpoints:
         aside = self.directory.parent / f"{self.directory.name}.unreadable"
         aside.mkdir(parents=True, exist_ok=True)
         for step in steps:
-            (self.directory / str(step)).rename(aside / str(step))
-            logging.warning("moved unreadable checkpoint %s to %s", self.directory / str(step), aside / str(step))
+            target = aside / str(step)
+            k = 1
+            while target.exists():  # the same step went bad before: keep both
+                target, k = aside / f"{step}.{k}", k + 1
+            (self.directory / str(step)).rename(target)
+            logging.warning("moved unreadable checkpoint %s to %s", self.directory / str(step), target)
         self.manager.reload()
 
     def wait(self) -> None:

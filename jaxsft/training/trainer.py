@@ -1,8 +1,13 @@
 """One fine-tuning run: a training set in, a fine-tuned HF model out; resumable at any checkpoint.
 
-`<workdir>/` of a run holds `checkpoints/`, `tensorboard/`, `model/` (the export) and
-`train_summary.json`. Started again on the same workdir, a run continues from its latest
-checkpoint and ends bit-identical to one never stopped. SIGTERM saves a checkpoint and returns.
+A run's directory (`sft/<set>/` of the workdir, local or `gs://`) holds `checkpoints/`,
+`tensorboard/`, `model/` (the export) and `train_summary.json`. Started again on the same
+directory, a run continues from its latest checkpoint and ends bit-identical to one never stopped.
+
+SIGTERM (a Spot preemption notice) saves a checkpoint and returns. In a multi-process job the
+hosts agree on the step through JAX's preemption sync point (the coordination service hears of a
+SIGTERM on any host and names one step, the same for all), so every process saves that step and
+returns, whichever of them got the signal.
 """
 
 from __future__ import annotations
@@ -11,7 +16,6 @@ import contextlib
 import dataclasses
 import logging
 import math
-import os
 import signal
 import threading
 import time
@@ -25,10 +29,10 @@ import ml_collections
 import numpy as np
 import tensorboardX
 import tqdm
-from etils import epath
 from flax import nnx
+from jax.experimental import multihost_utils
 
-from jaxsft import hardware, models, runtime
+from jaxsft import hardware, models, runtime, workdir as workdir_lib
 from jaxsft.models import sharding
 from jaxsft.training import data, optim
 from jaxsft.training.checkpoint import Checkpoints
@@ -64,9 +68,10 @@ def peak_flops(device: jax.Device) -> float:
 
 @contextlib.contextmanager
 def _sigterm_flag() -> Iterator[threading.Event]:
-    """An event set by SIGTERM while inside (only the main thread can take signals)."""
+    """An event set by SIGTERM while inside (only the main thread can take signals). In a
+    multi-process job JAX's preemption notifier owns SIGTERM, and the flag stays clear."""
     flag = threading.Event()
-    if threading.current_thread() is not threading.main_thread():
+    if threading.current_thread() is not threading.main_thread() or jax.process_count() > 1:
         yield flag
         return
     previous = signal.signal(signal.SIGTERM, lambda *_: flag.set())
@@ -80,10 +85,10 @@ class _Metrics:
     """Per-step metrics: checked finite, with throughput and MFU added, to TensorBoard (every
     `log_every` steps), the progress bar and `history`."""
 
-    def __init__(self, logdir: epath.Path, start: int, total: int, tokens_per_step: int, n_params: int,
+    def __init__(self, logdir: str, start: int, total: int, tokens_per_step: int, n_params: int,
                  peak: float, log_every: int):
         lead = jax.process_index() == 0  # one writer and one bar per job
-        self.writer = tensorboardX.SummaryWriter(os.fspath(logdir), purge_step=start or None) if lead else None
+        self.writer = tensorboardX.SummaryWriter(logdir, purge_step=start or None) if lead else None
         self.bar = tqdm.tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True,
                              disable=not lead)
         self.tokens = tokens_per_step  # processed, padding included: what the devices compute
@@ -117,7 +122,7 @@ class _Metrics:
             self.writer.close()
 
 
-def _check_position(saved: dict[str, Any], expected: dict[str, Any], where: epath.Path) -> None:
+def _check_position(saved: dict[str, Any], expected: dict[str, Any], where: object) -> None:
     keys = ("batch_size", "seed", "num_items", "data_sha256")
     diff = {k: (saved.get(k), expected[k]) for k in keys if saved.get(k) != expected[k]}
     if diff:
@@ -125,17 +130,24 @@ def _check_position(saved: dict[str, Any], expected: dict[str, Any], where: epat
                          f"(checkpoint vs now: {diff}); use another workdir")
 
 
-def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, train_set: datasets.Dataset, *,
+def _preempted(step: int, sigterm: threading.Event) -> bool:
+    """Whether to save `step` and stop: at the step every process agreed on after a SIGTERM."""
+    if jax.process_count() > 1:
+        return multihost_utils.reached_preemption_sync_point(step)
+    return sigterm.is_set()
+
+
+def train(cfg: ml_collections.ConfigDict, workdir: str | workdir_lib.Workdir, train_set: datasets.Dataset, *,
           mesh: jax.sharding.Mesh | None = None, max_steps: int | None = None) -> TrainResult:
-    """Fine-tune `cfg.model` on `train_set` (rows with `question` and `answers`) as `cfg.train` says.
+    """Fine-tune `cfg.model` on `train_set` (rows with `question` and `answers`) as `cfg.train` says,
+    in the run directory `workdir`.
 
     `max_steps` stops this call after that many steps (a checkpoint is saved there), as a job
     with a time budget would; the next call on the same workdir goes on.
     """
     t = cfg.train
-    workdir = epath.Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    runtime.atomic_write_text(workdir / "config.json", cfg.to_json_best_effort(indent=2))
+    workdir = workdir_lib.Workdir(workdir)
+    workdir.write_text("config.json", cfg.to_json_best_effort(indent=2))
     mesh = mesh or runtime.make_mesh(cfg)
     replicas = mesh.shape["data"] * mesh.shape["fsdp"]
     if t.batch_size % t.grad_accum or (t.batch_size // t.grad_accum) % replicas:
@@ -159,7 +171,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, train_set:
 
     state_shape = jax.eval_shape(init, params)
     state_sharding = shardings(state_shape, mesh)
-    ckpts = Checkpoints(workdir / "checkpoints", t.keep_checkpoints)
+    ckpts = Checkpoints(workdir.path(workdir_lib.CHECKPOINTS), t.keep_checkpoints)
     restored = ckpts.restore(abstract(state_shape, state_sharding))
     if restored is None:
         state = jax.jit(init, out_shardings=state_sharding, donate_argnums=0)(params)
@@ -177,7 +189,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, train_set:
     peak = peak_flops(mesh.devices.flat[0]) * mesh.size
     logging.info("training %d params on %d items: steps %d-%d of %d, mesh %s, MFU against %.3g FLOP/s",
                  n_params, len(examples), start, end, total, dict(mesh.shape), peak)
-    metrics_log = _Metrics(workdir / "tensorboard", start, total, t.batch_size * t.max_length, n_params, peak,
+    metrics_log = _Metrics(str(workdir.path(workdir_lib.TENSORBOARD)), start, total, t.batch_size * t.max_length, n_params, peak,
                            t.log_every)
     batch_sharding = sharding.batch_sharding(mesh)
     pending = None
@@ -192,7 +204,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, train_set:
                     metrics_log.record(*pending)
                 pending = (step, metrics)
                 done = step + 1
-                preempted = sigterm.is_set() and done < total
+                preempted = _preempted(done, sigterm) and done < total
                 if preempted or done == end or (t.checkpoint_every and done % t.checkpoint_every == 0):
                     metrics_log.record(*pending)  # never checkpoint a state not checked finite
                     pending = None
@@ -201,7 +213,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, train_set:
                 if preempted:
                     logging.warning("SIGTERM: saved a checkpoint at step %d of %d, stopping", done, total)
                     break
-        ckpts.wait()
+            ckpts.wait()  # still inside: a SIGTERM now does not cut the last save short
     finally:
         metrics_log.close()
         ckpts.close()
@@ -209,9 +221,9 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, train_set:
     model = nnx.merge(graphdef, state.params)
     done = int(state.step)
     if done == total:
-        models.save_pretrained(model, workdir / "model")
+        workdir.sub(workdir_lib.MODEL).publish(lambda local: models.save_pretrained(model, local), "config.json")
         history = metrics_log.history
-        runtime.atomic_write_json(workdir / "train_summary.json", dict(
+        workdir.write_json("train_summary.json", dict(
             steps=total, items=len(examples), params=n_params, encoding=str(examples.report),
             truncated=len(examples.report.truncated), final_loss=history[-1]["loss"] if history else None,
             tokens_per_sec=float(np.median([h["tokens_per_sec"] for h in history])) if history else None,
