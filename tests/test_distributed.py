@@ -1,88 +1,91 @@
-"""Multi-process: 2 CPU processes joined by `jax.distributed` (coordinator on localhost) run the
-whole experiment on a tiny config and get the scores and trained parameters of a 1-process run."""
+"""Multi-process: 2 CPU processes joined by `jax.distributed` (coordinator on localhost).
+
+The whole experiment on a `gs://` workdir gets the scores and trained parameters of a 1-process
+run on a local disk, through one writer; and a SIGTERM to one host makes both save the same step.
+"""
 
 from __future__ import annotations
 
-import os
-import pathlib
-import socket
-import subprocess
-import sys
+import json
+import random
+import signal
+import time
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
-import pytest
-from safetensors.numpy import load_file
+from safetensors.numpy import load
 
-import hf_models
+from conftest import finish, launch, tiny_experiment, write_scores
+from jaxsft.data.relations import ID_RELATIONS
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-DEVICES = 4  # in all: 4 in one process, or 2 in each of two
-
-
-@pytest.fixture(scope="module")
-def config_file(tmp_path_factory) -> pathlib.Path:
-    root = tmp_path_factory.mktemp("distributed")
-    hf_models.build("llama2", root / "model")
-    hf_models.char_tokenizer().save_pretrained(root / "model")
-    path = root / "tiny.py"
-    path.write_text(f'''
-from jaxsft import config
-
-def get_config():
-    c = config.default_config()
-    c.model.path = {str(root / "model")!r}
-    c.data.limit_per_relation = 1
-    c.scoring.batch_size = 8
-    c.train.update(max_length=96, checkpoint_every=0, batch_size=4)
-    c.eval.update(batch_size=8, max_new_tokens=4, buckets=(64, 96))
-    c.grid.update(levels=("mixed",), sizes=("8",), seeds=(0,))
-    return c
-''')
-    return path
+BUCKET = "jaxsft-test"
+CELL = "sft/levelmixed-size8-seed0"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
-
-
-def _run(config_file: pathlib.Path, workdir: pathlib.Path, processes: int) -> None:
-    port = _free_port()
-    procs = []
-    for i in range(processes):
-        env = {**os.environ, "JAX_PLATFORMS": "cpu",
-               "XLA_FLAGS": f"--xla_force_host_platform_device_count={DEVICES // processes}"}
-        if processes > 1:
-            env.update(JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAXSFT_NUM_PROCESSES=str(processes),
-                       JAXSFT_PROCESS_ID=str(i))
-        procs.append(subprocess.Popen(
-            [sys.executable, "-m", "jaxsft.run", f"--config={config_file}", f"--workdir={workdir}"],
-            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    logs = [p.communicate(timeout=900)[0] for p in procs]
-    for p, log in zip(procs, logs):
-        assert p.returncode == 0, log[-4000:]
-
-
-def _scores(workdir: pathlib.Path) -> dict[str, float]:
+def _scores(read) -> dict[str, float]:
     rows = {}
-    for directory in (workdir / "memorization", workdir / "test_scores" / "memorization"):
-        for f in sorted(directory.glob("*.parquet")):
-            t = pq.read_table(f, columns=["id", "R"]).to_pydict()
+    for directory in ("memorization", "test_scores/memorization"):
+        manifest = json.loads(read(f"{directory}/manifest.json"))
+        n = -(-manifest["facts"] // manifest["shard_size"])
+        for k in range(n):
+            t = pq.read_table(pa.BufferReader(read(f"{directory}/shard-{k:05d}-of-{n:05d}.parquet")),
+                              columns=["id", "R"]).to_pydict()
             rows.update(zip(t["id"], t["R"]))
     return rows
 
 
-def test_two_processes_match_one(config_file, tmp_path):
-    _run(config_file, tmp_path / "one", processes=1)
-    _run(config_file, tmp_path / "two", processes=2)
-    one, two = _scores(tmp_path / "one"), _scores(tmp_path / "two")
+def test_two_processes_on_a_bucket_match_one_on_a_local_disk(gcs, tmp_path):
+    config = tiny_experiment(tmp_path)
+    local, remote = tmp_path / "one", f"gs://{BUCKET}/two"
+    finish(launch("jaxsft.run", [f"--config={config}", f"--workdir={local}"], processes=1))
+    finish(launch("jaxsft.run", [f"--config={config}", f"--workdir={remote}"], processes=2))
+    gcs.invalidate_cache()
+    one = _scores(lambda name: (local / name).read_bytes())
+    two = _scores(lambda name: gcs.cat(f"{BUCKET}/two/{name}"))
     assert one.keys() == two.keys() and len(one) > 20
     np.testing.assert_allclose([two[k] for k in one], list(one.values()), atol=1e-5, rtol=0)
-    cell = pathlib.Path("sft") / "levelmixed-size8-seed0" / "model" / "model.safetensors"
-    p1, p2 = load_file(tmp_path / "one" / cell), load_file(tmp_path / "two" / cell)
+    p1 = load((local / CELL / "model" / "model.safetensors").read_bytes())
+    p2 = load(gcs.cat(f"{BUCKET}/two/{CELL}/model/model.safetensors"))
     assert p1.keys() == p2.keys()
     for name in p1:
         np.testing.assert_allclose(p2[name], p1[name], atol=1e-5, rtol=0, err_msg=name)
-    assert (tmp_path / "two" / "report.md").exists()
+    assert gcs.exists(f"{BUCKET}/two/report.md")
+
+
+def test_sigterm_to_one_host_saves_the_same_step_on_both(tmp_path):
+    """Spot preemption of a 2-host job: SIGTERM reaches one process at a random step. Both save the
+    step JAX's preemption sync names and exit 0; the resumed job ends bit-identical to one never stopped."""
+    config = tiny_experiment(tmp_path, epochs=40, checkpoint_every=0, learning_rate=1e-3)
+    rows = [dict(id=f"{r}-{i}", split="train", relation=r, subject="s", question=f"Where is {n}?",
+                 answers=[n[::-1]], R=0.5, level=0) for r in ID_RELATIONS for i, n in enumerate(["Ann", "Bob"])]
+    args = ["--config.select.level=0", "--config.select.size=8"]
+    stopped, reference = tmp_path / "stopped", tmp_path / "reference"
+    for workdir in (stopped, reference):
+        write_scores(workdir, rows)
+    finish(launch("jaxsft.train", [f"--config={config}", f"--workdir={reference}", *args], processes=2))
+
+    procs = launch("jaxsft.train", [f"--config={config}", f"--workdir={stopped}", *args], processes=2)
+    tensorboard = stopped / "sft" / "level0-size8-seed0" / "tensorboard"
+    deadline = time.monotonic() + 300
+    while not list(tensorboard.glob("events.*")):  # the writer opens just before step 0
+        assert all(p.poll() is None for p in procs), procs[0].communicate()[0][-4000:]
+        assert time.monotonic() < deadline, "training did not start"
+        time.sleep(0.2)
+    time.sleep(random.Random().uniform(0.5, 3.0))
+    victim = random.Random().randrange(2)
+    procs[victim].send_signal(signal.SIGTERM)
+    logs = finish(procs, timeout=300)
+    checkpoints = stopped / "sft" / "level0-size8-seed0" / "checkpoints"
+    steps = sorted(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit())
+    assert len(steps) == 1 and 0 < steps[0] < 80, steps
+    for log in logs:
+        assert f"SIGTERM: saved a checkpoint at step {steps[0]} of 80" in log, log[-3000:]
+    assert not (checkpoints.parent / "model").exists()
+
+    logs = finish(launch("jaxsft.train", [f"--config={config}", f"--workdir={stopped}", *args], processes=2))
+    assert f"resuming from step {steps[0]} of 80" in logs[0]
+    got = load((checkpoints.parent / "model" / "model.safetensors").read_bytes())
+    expected = load((reference / "sft" / "level0-size8-seed0" / "model" / "model.safetensors").read_bytes())
+    for name in expected:
+        np.testing.assert_array_equal(got[name], expected[name], err_msg=name)
