@@ -165,26 +165,24 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, *, scores_wo
 
 
 def main() -> None:
-    """The CLI; its flags are defined here, so importing this module defines none."""
-    from absl import app, flags
-    from ml_collections import config_flags
+    """The CLI (`jaxsft.cli`); its flags are defined here, so importing this module defines none.
 
-    from jaxsft import config as config_lib, hardware
+    Without --config the run's own `<workdir>/config.json` is used (never the default config: a
+    fine-tuned model must be read with its own tokenizer)."""
+    from absl import flags
 
-    config = config_flags.DEFINE_config_file("config", None, "experiment config file (default: default_config())",
-                                             lock_config=True)
-    workdir = flags.DEFINE_string("workdir", None, "run directory: holds model/, receives eval/")
-    scores = flags.DEFINE_string("scores_workdir", None, "directory holding memorization/ (default: the "
-                                 "workdir or the nearest directory above it that has one)")
-    flags.mark_flags_as_required(["workdir"])
+    from jaxsft import cli, hardware
 
-    def _main(argv):
-        del argv
+    def define(fv: flags.FlagValues) -> None:
+        flags.DEFINE_string("scores_workdir", None, "directory holding memorization/ (default: the workdir "
+                            "or the nearest directory above it that has one)", flag_values=fv)
+
+    def _main(a: cli.Invocation) -> None:
         hardware.maybe_initialize_distributed()
-        run(config.value or config_lib.default_config(), workdir.value, scores_workdir=scores.value)
+        run(a.config, a.workdir, scores_workdir=a.flags["scores_workdir"])
 
-    app.run(_main)
-
+    cli.main(cli.Command(_main, workdir="run directory: holds model/ (and config.json), receives eval/",
+                         config_from_run=True, define=define))
 
 if __name__ == "__main__":
     main()

@@ -179,19 +179,10 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, model=None, 
 
 
 def main() -> None:
-    """The CLI; its flags are defined here, so importing this module defines none."""
-    from absl import app, flags
-    from ml_collections import config_flags
+    """The CLI (`jaxsft.cli`); its flags are defined here, so importing this module defines none."""
+    from jaxsft import cli
 
-    config = config_flags.DEFINE_config_file("config", None, "experiment config file", lock_config=True)
-    workdir = flags.DEFINE_string("workdir", None, "experiment directory (gets memorization/)")
-    flags.mark_flags_as_required(["config", "workdir"])
-    def score(argv: list[str]) -> None:
-        del argv
-        run(config.value, workdir.value)
-
-    app.run(score)
-
+    cli.main(cli.Command(lambda a: run(a.config, a.workdir), workdir="experiment directory (gets memorization/)"))
 
 if __name__ == "__main__":
     main()

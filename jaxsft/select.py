@@ -162,15 +162,11 @@ def build_training_set(cfg: ml_collections.ConfigDict, workdir: str | os.PathLik
 
 
 def main() -> None:
-    """The CLI; its flags are defined here, so importing this module defines none."""
-    from absl import app, flags
-    from ml_collections import config_flags
+    """The CLI (`jaxsft.cli`); its flags are defined here, so importing this module defines none."""
+    from jaxsft import cli
 
-    config = config_flags.DEFINE_config_file("config", None, "experiment config file", lock_config=True)
-    workdir = flags.DEFINE_string("workdir", None, "experiment directory (holds memorization/)")
-    flags.mark_flags_as_required(["config", "workdir"])
-    app.run(lambda argv: build_training_set(config.value, workdir.value))
-
+    cli.main(cli.Command(lambda a: build_training_set(a.config, a.workdir),
+                         workdir="experiment directory (holds memorization/)"))
 
 if __name__ == "__main__":
     main()

@@ -177,7 +177,8 @@ def from_pretrained(path: str | os.PathLike, *, dtype: Any = jnp.float32, param_
     `config_overrides` set `ModelConfig` fields such as `scan_layers` or `remat`.
     """
     hf_config, source = _resolve(path)
-    cfg = ModelConfig.from_hf(hf_config, **config_overrides)
+    where = os.path.join(path, "config.json") if os.path.isdir(path) else os.fspath(path)
+    cfg = ModelConfig.from_hf(hf_config, source=where, **config_overrides)
     abstract = nnx.eval_shape(lambda: Decoder(cfg, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
     params = {_key(p): v for p, v in nnx.to_flat_state(state)}

@@ -14,6 +14,8 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 from safetensors import safe_open
 
+from jaxsft.errors import UserError
+
 SAFETENSORS_FILE = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 
@@ -123,10 +125,10 @@ def open_source(path: str | os.PathLike[str]) -> tuple[dict[str, Any], TensorSou
         if not config.is_file():
             raise FileNotFoundError(f"no config.json in model directory {path}")
         try:
-            hf_config = json.loads(config.read_text())
-        except ValueError as e:
-            raise ValueError(f"cannot parse {config}: {e}") from e
+            hf_config = json.loads(config.read_bytes().decode("utf-8"))
+        except ValueError as e:  # invalid JSON or not UTF-8
+            raise UserError(f"{config}: not a JSON config: {e}") from e
         return hf_config, SafetensorsSource(path)
     if path.exists():
-        raise ValueError(f"{path} is neither a model directory nor a .gguf file")
+        raise UserError(f"{path} is neither a model directory nor a .gguf file: set --config.model.path to one")
     raise FileNotFoundError(f"no such model path: {path}")
