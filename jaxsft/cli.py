@@ -80,8 +80,8 @@ def _define(command: Command, argv: Sequence[str], fv: flags.FlagValues) -> None
     flags.DEFINE_boolean("print_config", False, "print the resolved config and exit", flag_values=fv)
     flags.DEFINE_boolean("verbose", False, "on an error, show its traceback too", flag_values=fv)
     command.define(fv)
-    required = [*command.required, *(["workdir"] if command.workdir is not None else []),
-                *([] if command.config_from_run else ["config"])]
+    required = [*([] if command.config_from_run else ["config"]),
+                *(["workdir"] if command.workdir is not None else []), *command.required]
     flags.mark_flags_as_required(required, flag_values=fv)
 
 
@@ -138,7 +138,10 @@ def _config_file_error(e: BaseException, argv: Sequence[str]) -> UserError:
             config_lib.check_fields(_with_field(unknown[0]))
         except UserError as named:
             return _ConfigFileError(f"--{named}")
-    return _ConfigFileError(f"--config={path}: the config file failed: {type(e).__name__}: {_last_line(str(e))}")
+    frames = [f for f in traceback.extract_tb(e.__traceback__) if f.filename.endswith(path.split(":")[0].lstrip("./"))]
+    line = getattr(e, "lineno", None) if isinstance(e, SyntaxError) else (frames[-1].lineno if frames else None)
+    where = f"--config={path}" + (f" line {line}" if line else "")
+    return _ConfigFileError(f"{where}: the config file failed: {type(e).__name__}: {_last_line(str(e))}")
 
 
 def _with_field(name: str) -> ml_collections.ConfigDict:
@@ -171,11 +174,15 @@ def user_message(e: BaseException) -> str | None:
         if required:
             return f"--{required.group(1)} is required (see --help)"
         if isinstance(e, flags.UnrecognizedFlagError):
-            return f"{_one_line(text)}; run with --help to list the flags"
-        if "Error whilst parsing config file" in text:  # the config file raised TypeError/ValueError
-            return f"{text.splitlines()[0].replace(': Error whilst parsing config file:', '')}: the config file " \
-                   f"failed: {_last_line(text)}"
-        return _one_line(text)
+            return f"--{e.flagname}: unknown flag; run with --help to list the flags"
+        parsing = re.match(r"flag --config=(.*): Error whilst parsing config file:", text)
+        if parsing:  # the config file raised TypeError/ValueError: name its line
+            path = parsing.group(1).split(":", 1)[0]
+            lines = re.findall(rf'File "([^"]*)", line (\d+)', text)
+            line = next((n for f, n in reversed(lines) if f.endswith(path.lstrip("./"))), None)
+            where = f"--config={parsing.group(1)}" + (f" line {line}" if line else "")
+            return f"{where}: the config file failed: {_last_line(text)}"
+        return _one_line(re.sub(r"^flag ", "", text))
     if isinstance(e, UserError):
         return _one_line(str(e))
     if isinstance(e, _INPUT_ERRORS):
@@ -224,8 +231,13 @@ def run_main(command: Command, argv: Sequence[str], flag_values: flags.FlagValue
         return _report(e, _verbose(argv))
 
 
-def main(command: Command) -> None:
-    """`python -m jaxsft.<stage>`: absl's app (logging, --help) around `run_main`; exits with its status."""
+def main(command: Command, argv: Sequence[str] | None = None) -> int | None:
+    """`python -m jaxsft.<stage>`: absl's app (logging, --help) around `run_main`; exits with its status.
+
+    With `argv` (program name first), run in this process on flags of its own and return the status
+    instead (tests, notebooks)."""
+    if argv is not None:
+        return run_main(command, argv)
     from absl import app
 
     parsed: dict[str, Invocation] = {}

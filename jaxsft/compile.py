@@ -322,11 +322,11 @@ def run(invocation) -> int:
     return 0
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int | None:
     """The CLI (`jaxsft.cli`): exit 0 fits, 1 a step does not fit, 2 the config cannot be laid out."""
     from jaxsft import cli
 
-    cli.main(cli.Command(run, workdir=None, define=define_flags, required=("topology",)))
+    return cli.main(cli.Command(run, workdir=None, define=define_flags, required=("topology",)), argv)
 
 
 if __name__ == "__main__":

@@ -293,8 +293,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
         spec = SCHEMA.get(name) or Field(f"a {type(known[name]).__name__}", lambda v, t=type(known[name]): isinstance(v, t))
         if not spec.check(value):
             _fail(name, value, spec.expected)
-    if [c.mesh.data, c.mesh.fsdp, c.mesh.tensor].count(-1) > 1:
-        _fail("mesh", c.mesh.to_dict(), "at most one axis of -1")
+    leftover = [axis for axis in ("data", "fsdp", "tensor") if c.mesh[axis] == -1]
+    if len(leftover) > 1:
+        _fail(f"mesh.{leftover[-1]}", -1, f"a device count: at most one axis of -1, and mesh.{leftover[0]} is -1")
     if c.train.batch_size % c.train.grad_accum:
         _fail("train.grad_accum", c.train.grad_accum, f"a divisor of train.batch_size ({c.train.batch_size})")
 

@@ -164,7 +164,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, *, scores_wo
     return result
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int | None:
     """The CLI (`jaxsft.cli`); its flags are defined here, so importing this module defines none.
 
     Without --config the run's own `<workdir>/config.json` is used (never the default config: a
@@ -181,8 +181,10 @@ def main() -> None:
         hardware.maybe_initialize_distributed()
         run(a.config, a.workdir, scores_workdir=a.flags["scores_workdir"])
 
-    cli.main(cli.Command(_main, workdir="run directory: holds model/ (and config.json), receives eval/",
-                         config_from_run=True, define=define))
+    command = cli.Command(_main, workdir="run directory: holds model/ (and config.json), receives eval/",
+                          config_from_run=True, define=define)
+    return cli.main(command, argv)
+
 
 if __name__ == "__main__":
     main()

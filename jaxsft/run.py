@@ -125,7 +125,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> epath.Pat
     return path
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int | None:
     """The CLI (`jaxsft.cli`): the config is validated before anything is loaded."""
     from jaxsft import cli, hardware
 
@@ -133,7 +133,8 @@ def main() -> None:
         hardware.maybe_initialize_distributed()
         print(run(a.config, a.workdir))
 
-    cli.main(cli.Command(_main))
+    return cli.main(cli.Command(_main), argv)
+
 
 if __name__ == "__main__":
     main()

@@ -178,11 +178,13 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, model=None, 
     return out
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int | None:
     """The CLI (`jaxsft.cli`); its flags are defined here, so importing this module defines none."""
     from jaxsft import cli
 
-    cli.main(cli.Command(lambda a: run(a.config, a.workdir), workdir="experiment directory (gets memorization/)"))
+    command = cli.Command(lambda a: run(a.config, a.workdir), workdir="experiment directory (gets memorization/)")
+    return cli.main(command, argv)
+
 
 if __name__ == "__main__":
     main()

@@ -161,12 +161,14 @@ def build_training_set(cfg: ml_collections.ConfigDict, workdir: str | os.PathLik
     return train_set
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int | None:
     """The CLI (`jaxsft.cli`); its flags are defined here, so importing this module defines none."""
     from jaxsft import cli
 
-    cli.main(cli.Command(lambda a: build_training_set(a.config, a.workdir),
-                         workdir="experiment directory (holds memorization/)"))
+    command = cli.Command(lambda a: build_training_set(a.config, a.workdir),
+                          workdir="experiment directory (holds memorization/)")
+    return cli.main(command, argv)  # the stage's Dataset is not an exit status
+
 
 if __name__ == "__main__":
     main()

@@ -26,7 +26,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> TrainResu
     return train(cfg, run_dir(cfg, workdir), select.build_training_set(cfg, workdir))
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int | None:
     """The CLI (`jaxsft.cli`); its flags are defined here, so importing this module defines none."""
     from jaxsft import cli
 
@@ -34,7 +34,8 @@ def main() -> None:
         hardware.maybe_initialize_distributed()
         run(a.config, a.workdir)
 
-    cli.main(cli.Command(_main, workdir="experiment directory (holds memorization/)"))
+    return cli.main(cli.Command(_main, workdir="experiment directory (holds memorization/)"), argv)
+
 
 if __name__ == "__main__":
     main()
