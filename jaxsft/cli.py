@@ -11,8 +11,9 @@ field, a bad data or model file, inputs that do not match), reported as ONE line
 `error: <what, where, what to do>`; 1 a bug, reported with its traceback. A stage may also return
 its own status (`jaxsft.compile`: 1 when a step does not fit).
 
-Library code raises `UserError` (jaxsft/errors.py) for a user's mistake; a missing input file
-(`FileNotFoundError`) and absl's flag errors count as such too. Everything else is a bug.
+Library code raises `UserError` (jaxsft/errors.py) for a user's mistake; absl's flag errors and an
+`OSError` (a missing input file, a permission, a hub that cannot be reached) count as such too.
+Everything else is a bug.
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ __all__ = ["USAGE_ERROR", "Command", "Invocation", "UserError", "main", "run_mai
 
 USAGE_ERROR = 2  # the exit status of a user's mistake; a bug exits 1
 RUN_CONFIG = "config.json"  # what a run directory keeps of the config it was trained with
-_INPUT_ERRORS = (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
+# A missing input, a permission, a full disk, a hub that cannot be reached: the environment, not a bug.
+_INPUT_ERRORS = (OSError,)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,6 +81,9 @@ def _define(command: Command, argv: Sequence[str], fv: flags.FlagValues) -> None
         flags.DEFINE_string("workdir", None, command.workdir, flag_values=fv)
     flags.DEFINE_boolean("print_config", False, "print the resolved config and exit", flag_values=fv)
     flags.DEFINE_boolean("verbose", False, "on an error, show its traceback too", flag_values=fv)
+    for name in ("config", "workdir", "print_config", "verbose"):
+        if name in fv:  # listed by --help with the stage's own flags (absl lists the main module's)
+            fv.register_flag_by_module(sys.argv[0], fv[name])
     command.define(fv)
     required = [*([] if command.config_from_run else ["config"]),
                 *(["workdir"] if command.workdir is not None else []), *command.required]
@@ -138,7 +143,8 @@ def _config_file_error(e: BaseException, argv: Sequence[str]) -> UserError:
             config_lib.check_fields(_with_field(unknown[0]))
         except UserError as named:
             return _ConfigFileError(f"--{named}")
-    frames = [f for f in traceback.extract_tb(e.__traceback__) if f.filename.endswith(path.split(":")[0].lstrip("./"))]
+    file = path.split(":")[0].lstrip("./")
+    frames = [f for f in traceback.extract_tb(e.__traceback__) if f.filename.endswith(file)]
     line = getattr(e, "lineno", None) if isinstance(e, SyntaxError) else (frames[-1].lineno if frames else None)
     where = f"--config={path}" + (f" line {line}" if line else "")
     return _ConfigFileError(f"{where}: the config file failed: {type(e).__name__}: {_last_line(str(e))}")
@@ -174,6 +180,8 @@ def user_message(e: BaseException) -> str | None:
         if required:
             return f"--{required.group(1)} is required (see --help)"
         if isinstance(e, flags.UnrecognizedFlagError):
+            if e.flagname.startswith("config."):  # overrides exist only once --config names a file
+                return f"--{e.flagname} overrides a field of a config file: pass --config=<file> too"
             return f"--{e.flagname}: unknown flag; run with --help to list the flags"
         parsing = re.match(r"flag --config=(.*): Error whilst parsing config file:", text)
         if parsing:  # the config file raised TypeError/ValueError: name its line

@@ -146,7 +146,8 @@ def choice(*options: str) -> Field:
 
 
 def string(nonempty: bool = False) -> Field:
-    return Field("a non-empty string" if nonempty else "a string", lambda v: isinstance(v, str) and (v or not nonempty))
+    return Field("a non-empty string" if nonempty else "a string",
+                 lambda v: isinstance(v, str) and bool(v or not nonempty))
 
 
 def boolean() -> Field:
@@ -290,7 +291,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
     check_fields(c)
     known = _leaves(default_config())
     for name, value in _leaves(c).items():
-        spec = SCHEMA.get(name) or Field(f"a {type(known[name]).__name__}", lambda v, t=type(known[name]): isinstance(v, t))
+        default = type(known[name])  # a field without a schema line: the type of its default
+        spec = SCHEMA.get(name) or Field(f"a {default.__name__}", lambda v, t=default: isinstance(v, t))
         if not spec.check(value):
             _fail(name, value, spec.expected)
     leftover = [axis for axis in ("data", "fsdp", "tensor") if c.mesh[axis] == -1]
@@ -301,10 +303,20 @@ def validate(c: ml_collections.ConfigDict) -> None:
 
 
 def from_json(text: str) -> ml_collections.ConfigDict:
-    """A config saved with `to_json_best_effort` (a run's `config.json`), lists back to tuples."""
+    """A config saved with `to_json_best_effort` (a run's `config.json`): lists back to tuples, and
+    fields added to `default_config()` since it was saved take their default."""
     def tuples(v: Any) -> Any:
         if isinstance(v, dict):
             return {k: tuples(x) for k, x in v.items()}
         return tuple(tuples(x) for x in v) if isinstance(v, list) else v
 
-    return ml_collections.ConfigDict(tuples(json.loads(text)))
+    saved = tuples(json.loads(text))
+    if not isinstance(saved, dict):
+        raise ValueError(f"expected a JSON object, got {type(saved).__name__}")
+    merged = default_config().to_dict()
+    for section, fields in saved.items():
+        if isinstance(fields, dict) and isinstance(merged.get(section), dict):
+            merged[section].update(fields)
+        else:
+            merged[section] = fields
+    return ml_collections.ConfigDict(merged)

@@ -97,7 +97,7 @@ def load_tokenizer(path: str | os.PathLike[str]) -> PreTrainedTokenizerFast:
             return _load_gguf(p)
         if p.name == "tokenizer.json":
             return _load_dir(p.parent)
-        raise ValueError(f"{p}: expected a directory, a tokenizer.json or a .gguf file")
+        raise UserError(f"{p}: expected a directory, a tokenizer.json or a .gguf file")
     if p.is_dir():
         return _load_dir(p)
     name = os.fspath(path)
@@ -115,7 +115,7 @@ def _load_dir(directory: pathlib.Path) -> PreTrainedTokenizerFast:
         name = config.get("tokenizer_class")
         cls = getattr(transformers, name, None) if name else None
         if not (isinstance(cls, type) and issubclass(cls, PreTrainedTokenizerFast)):
-            raise ValueError(
+            raise UserError(
                 f"{directory}: no tokenizer.json, and tokenizer_config.json names no fast tokenizer "
                 f"class to convert the files with (tokenizer_class={name!r})"
             )

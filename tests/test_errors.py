@@ -7,15 +7,12 @@ Most cases run a stage's CLI in this process (`<stage>.main(argv)` returns the e
 
 from __future__ import annotations
 
-import gzip
 import json
 import os
 import struct
 import subprocess
 import sys
 
-import ml_collections
-import numpy as np
 import pyarrow as pa
 import pytest
 
@@ -187,6 +184,8 @@ def test_evaluate_without_config_needs_the_runs_config(capsys, tmp_path):
     (tmp_path / "config.json").write_text(saved.to_json_best_effort(indent=2))
     assert evaluate.main(["evaluate", f"--workdir={tmp_path}", "--print_config"]) == 0
     assert "path: /models/finetuned-base" in capsys.readouterr().out
+    status, line = in_process(capsys, evaluate, f"--workdir={tmp_path}", "--config.eval.batch_size=8")
+    assert status == 2 and "--config.eval.batch_size overrides a field of a config file: pass --config" in line
     (tmp_path / "config.json").write_text("{not json")
     status, line = in_process(capsys, evaluate, f"--workdir={tmp_path}")
     assert status == 2 and f"{tmp_path}/config.json: not a config saved by jaxsft.train" in line
@@ -198,7 +197,8 @@ GOOD = {"question": "Which country is Paris located in?", "answers": ["France"]}
 
 DATA_ROWS = {
     "question_not_string": ({"question": 3, "answers": ["France"]}, "row 1: question must be a non-empty string"),
-    "blank_question": ({"question": "   ", "answers": ["France"]}, "row 1: question must be a non-empty string, not blank"),
+    "blank_question": ({"question": "   ", "answers": ["France"]},
+                       "row 1: question must be a non-empty string, not blank"),
     "answers_not_list": (dict(GOOD, answers="France"), "row 1: answers must be a non-empty list of strings"),
     "empty_answers": (dict(GOOD, answers=[]), "row 1: answers must be a non-empty list of strings"),
     "blank_answer": (dict(GOOD, answers=["France", " "]), "row 1: answers[1] must be a non-blank string"),
@@ -221,8 +221,8 @@ def test_bad_data_row_names_file_and_row(case, tmp_path):
 @pytest.mark.parametrize("suffix", ["json", "jsonl"])
 def test_data_file_not_utf8(suffix, tmp_path):
     file = tmp_path / f"P17.train.{suffix}"
-    text = json.dumps(GOOD) + "\n" + json.dumps({"question": "Which country is Zürich located in?", "answers": ["CH"]},
-                                                ensure_ascii=False)
+    zurich = {"question": "Which country is Zürich located in?", "answers": ["CH"]}
+    text = json.dumps(GOOD) + "\n" + json.dumps(zurich, ensure_ascii=False)
     file.write_bytes((text if suffix == "jsonl" else f"[{text.replace(chr(10), ',' + chr(10))}]").encode("latin-1"))
     with pytest.raises(DataFormatError, match=rf"{file}: not UTF-8 text: byte 0xfc at line 2"):
         entity_questions.load(tmp_path, relations=["P17"])
@@ -248,7 +248,8 @@ MODEL_CONFIGS = {
     "zero_layers": ({"num_hidden_layers": 0}, "num_hidden_layers = 0: expected a positive integer"),
     "float_vocab": ({"vocab_size": 96.0}, "vocab_size = 96.0: expected a positive integer"),
     "heads_do_not_divide": ({"hidden_size": 66}, "hidden_size 66 is not divisible by num_attention_heads 4"),
-    "kv_heads_do_not_divide": ({"num_key_value_heads": 3}, "num_attention_heads 4 is not a multiple of num_key_value_heads 3"),
+    "kv_heads_do_not_divide": ({"num_key_value_heads": 3},
+                               "num_attention_heads 4 is not a multiple of num_key_value_heads 3"),
     "model_type": ({"model_type": "gpt2"}, "unsupported model_type 'gpt2'"),
     "eos_past_vocab": ({"eos_token_id": 500}, "eos_token_id = 500: expected ids below vocab_size (96)"),
     "eos_list": ({"eos_token_id": [2, "x"]}, "eos_token_id = [2, 'x']: expected a token id or a list of them"),
@@ -392,7 +393,8 @@ def cli_run(stage: str, *args: str, cwd=REPO) -> subprocess.CompletedProcess:
     ("compile", ("--topology=v5e-8", "--config.scoring.top_p=2.0"), "error: config.scoring.top_p = 2.0"),
 ])
 def test_cli_user_error_exits_2(stage, args, names, tmp_path):
-    proc = cli_run(stage, "--config=configs/demo.py", *(() if stage == "compile" else (f"--workdir={tmp_path}",)), *args)
+    workdir = () if stage == "compile" else (f"--workdir={tmp_path}",)
+    proc = cli_run(stage, "--config=configs/demo.py", *workdir, *args)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert error_line(proc.stderr).startswith(names)
     assert not list(tmp_path.iterdir())
@@ -405,7 +407,8 @@ def test_cli_select_exits_0_after_selecting(tmp_path):
     (tmp_path / "memorization").mkdir()
     rows = [dict(id=f"{r}.train.{i}", split="train", relation=r, subject="s", question="q?", answers=["a"],
                  template_scores=[0.0], R=0.0, level=0) for r in ("P17", "P19") for i in range(5)]
-    pq.write_table(pa.Table.from_pylist(rows, schema=score.SCHEMA), tmp_path / "memorization" / "shard-00000-of-00001.parquet")
+    shard = tmp_path / "memorization" / "shard-00000-of-00001.parquet"
+    pq.write_table(pa.Table.from_pylist(rows, schema=score.SCHEMA), shard)
     proc = cli_run("select", "--config=configs/demo.py", f"--workdir={tmp_path}", "--config.select.size=4")
     assert proc.returncode == 0, proc.stderr[-3000:]
     manifest = json.loads((tmp_path / "train_sets" / "level0-size4-seed0" / "manifest.json").read_text())

@@ -140,7 +140,8 @@ def check_hf_config(hf: Any, source: str = "config.json") -> None:
         raise UserError(f"{source}: expected a JSON object (config.json), got {type(hf).__name__}")
     model_type = hf.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
-        raise UserError(f"{source}: unsupported model_type {model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+        raise UserError(f"{source}: unsupported model_type {model_type!r}; "
+                        f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
 
     def bad(key: str, expected: str) -> UserError:
         value = hf[key]
