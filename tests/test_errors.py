@@ -237,6 +237,40 @@ def test_gzipped_data_file_that_is_not_gzip(tmp_path):
         read_json(file)
 
 
+def test_question_off_its_template_is_one_line_naming_file_and_row(tmp_path):
+    file = tmp_path / "P17.train.json"
+    file.write_text(json.dumps([GOOD, {"question": "Paris is where?", "answers": ["France"]}]))
+    with pytest.raises(entity_questions.SubjectParseError) as err:
+        entity_questions.load(tmp_path, relations=["P17"])
+    line = cli.user_message(err.value)
+    assert "\n" not in line and f"{file} row 1: 'Paris is where?'" in line
+
+
+@pytest.mark.parametrize("table, names", [
+    ({"country": [["USA"]]}, "country: an alias group is a list of at least two names, got ['USA']"),
+    ({"country": [["USA", "U.S.A."], ["usa", "America"]]}, "'usa' (normalised 'usa') is in ['USA', 'U.S.A.'] and in"),
+])
+def test_bad_alias_file(table, names, tmp_path):
+    from jaxsft.data import answers
+
+    file = tmp_path / "answer_aliases.json"
+    file.write_text(json.dumps(table))
+    with pytest.raises(DataFormatError) as err:
+        answers.alias_groups(file)
+    assert str(err.value).startswith(f"{file}: ") and names in str(err.value)
+
+
+def test_bad_completion_template_file(tmp_path):
+    from jaxsft.data import templates
+
+    table = templates.completion_templates()
+    table["P17"][3] = "The country of X is"
+    file = tmp_path / "completion_templates.json"
+    file.write_text(json.dumps(table))
+    with pytest.raises(DataFormatError, match=rf"{file}: P17: 'The country of X is' must contain \[X\] exactly once"):
+        templates.completion_templates(file)
+
+
 # -- a model's config.json -------------------------------------------------------------------------------
 
 TINY = dict(model_type="llama", vocab_size=96, hidden_size=64, intermediate_size=112, num_hidden_layers=2,
