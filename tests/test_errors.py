@@ -313,7 +313,7 @@ def test_model_dir_config_json_not_json(tmp_path):
     from jaxsft import models
 
     (tmp_path / "config.json").write_text("{'model_type': 'llama'}")
-    with pytest.raises(UserError, match=rf"{tmp_path}/config.json: not a JSON config"):
+    with pytest.raises(UserError, match=rf"cannot parse {tmp_path}/config.json"):
         models.from_pretrained(tmp_path)
 
 
@@ -350,9 +350,9 @@ def gguf_head(smollm2_gguf) -> bytes:
 GGUF_FILES = {
     "bad_magic": (lambda h: b"GGUX" + h[4:], "not a GGUF file (starts with b'GGUX', expected b'GGUF')"),
     "bad_version": (lambda h: h[:4] + struct.pack("<I", 99) + h[8:], "GGUF version 99 is not supported"),
-    "empty": (lambda h: b"", "truncated GGUF file (0 bytes"),
-    "short_header": (lambda h: h[:10], "truncated GGUF file (10 bytes, shorter than its 24-byte header)"),
-    "truncated_tensors": (lambda h: h, "truncated or corrupt GGUF file"),
+    "empty": (lambda h: b"", "truncated (0 bytes"),
+    "short_header": (lambda h: h[:10], "truncated (10 bytes, shorter than its 24-byte header)"),
+    "truncated_tensors": (lambda h: h, "truncated or corrupt"),
     "safetensors_named_gguf": (lambda h: b"\x08\x00\x00\x00\x00\x00\x00\x00{}      ", "not a GGUF file"),
 }
 
@@ -364,7 +364,7 @@ def test_bad_gguf_names_the_file(case, gguf_head, tmp_path):
     path.write_bytes(make(gguf_head))
     with pytest.raises(UserError) as err:
         gguf.open_reader(path)
-    assert str(err.value).startswith(f"{path}: ") and names in str(err.value)
+    assert str(err.value).startswith(f"cannot read GGUF file {path}: ") and names in str(err.value)
 
 
 @pytest.mark.parametrize("cut, names", [(4, "not a GGUF file"), (10, "truncated GGUF file"),
@@ -475,4 +475,4 @@ def test_cli_bad_model_files(gguf_head, tmp_path):
     proc = cli_run("score", "--config=configs/demo.py", f"--workdir={tmp_path / 'w'}", f"--config.model.path={bad}",
                    "--config.data.limit_per_relation=1", "--config.data.relations=P17")
     assert proc.returncode == 2, proc.stderr[-3000:]
-    assert error_line(proc.stderr).startswith(f"error: {bad}: not a GGUF file")
+    assert error_line(proc.stderr).startswith(f"error: cannot read GGUF file {bad}: not a GGUF file")

@@ -114,14 +114,14 @@ def check_header(path: str | os.PathLike[str]) -> None:
     with open(path, "rb") as f:
         head = f.read(_HEADER_BYTES)
     if not GGUF_MAGIC.startswith(head[:4]):
-        raise UserError(f"{path}: not a GGUF file (starts with {head[:4]!r}, expected {GGUF_MAGIC!r}); "
+        raise UserError(f"cannot read GGUF file {path}: not a GGUF file (starts with {head[:4]!r}, expected {GGUF_MAGIC!r}); "
                         "point model.path at a .gguf checkpoint, an HF directory or a hub id")
     if len(head) < _HEADER_BYTES:
-        raise UserError(f"{path}: truncated GGUF file ({len(head)} bytes, shorter than its {_HEADER_BYTES}-byte "
+        raise UserError(f"cannot read GGUF file {path}: truncated ({len(head)} bytes, shorter than its {_HEADER_BYTES}-byte "
                         "header); download it again")
     version = int.from_bytes(head[4:8], "little")
     if version not in GGUF_VERSIONS and int.from_bytes(head[4:8], "big") not in GGUF_VERSIONS:
-        raise UserError(f"{path}: GGUF version {version} is not supported (versions "
+        raise UserError(f"cannot read GGUF file {path}: GGUF version {version} is not supported (versions "
                         f"{', '.join(map(str, GGUF_VERSIONS))} are); convert it with a current llama.cpp")
 
 
@@ -135,7 +135,8 @@ def open_reader(path: str | os.PathLike[str]) -> GGUFReader:
     except (ValueError, IndexError) as e:
         if isinstance(e, UserError):
             raise
-        raise UserError(f"{path}: truncated or corrupt GGUF file ({type(e).__name__}: {e}); download it again") from e
+        raise UserError(f"cannot read GGUF file {path}: truncated or corrupt ({type(e).__name__}: {e}); "
+                        "download it again") from e
 
 
 def _architecture(reader: GGUFReader) -> tuple[str, GGUFArch]:

@@ -21,6 +21,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, SingleDeviceSharding
 
+from jaxsft.errors import UserError
 from jaxsft.models import sharding as shd
 from jaxsft.models.config import ModelConfig
 from jaxsft.models.decoder import Decoder
@@ -149,7 +150,7 @@ def _check(cfg: ModelConfig, plan, params, source: TensorSource) -> None:
         if found != expected:
             problems.append(f"shape mismatch for {name}: expected {expected}, found {found}")
     if problems:
-        raise ValueError(f"checkpoint {source.path} does not fit model_type {cfg.model_type!r}: "
+        raise UserError(f"checkpoint {source.path} does not fit model_type {cfg.model_type!r}: "
                          + "; ".join(problems))
 
 

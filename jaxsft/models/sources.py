@@ -91,7 +91,7 @@ class SafetensorsSource:
             try:
                 self._handles[file] = safe_open(file, framework="np")
             except Exception as e:  # SafetensorError, OSError: header or file unreadable
-                raise ValueError(f"cannot read safetensors file {file}: {e}") from e
+                raise UserError(f"cannot read safetensors file {file}: {e}") from e
             self._file_keys[file] = set(self._handles[file].keys())
         return self._handles[file]
 
@@ -104,7 +104,7 @@ def _read_index(index: Path) -> dict[str, Path]:
     try:
         weight_map = json.loads(index.read_text())["weight_map"]
     except (ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"cannot read safetensors index {index}: {e!r}") from e
+        raise UserError(f"cannot read safetensors index {index}: {e!r}") from e
     files = {name: index.parent / shard for name, shard in weight_map.items()}
     for shard in dict.fromkeys(files.values()):
         if not shard.is_file():
@@ -127,7 +127,7 @@ def open_source(path: str | os.PathLike[str]) -> tuple[dict[str, Any], TensorSou
         try:
             hf_config = json.loads(config.read_bytes().decode("utf-8"))
         except ValueError as e:  # invalid JSON or not UTF-8
-            raise UserError(f"{config}: not a JSON config: {e}") from e
+            raise UserError(f"cannot parse {config}: {e}") from e
         return hf_config, SafetensorsSource(path)
     if path.exists():
         raise UserError(f"{path} is neither a model directory nor a .gguf file: set --config.model.path to one")
