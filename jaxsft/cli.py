@@ -32,7 +32,7 @@ from etils import epath
 from jaxsft import config as config_lib
 from jaxsft.errors import UserError
 
-__all__ = ["USAGE_ERROR", "Command", "Invocation", "UserError", "main", "run_main"]
+__all__ = ["USAGE_ERROR", "Command", "Invocation", "UserError", "main", "run_main", "user_message"]
 
 USAGE_ERROR = 2  # the exit status of a user's mistake; a bug exits 1
 RUN_CONFIG = "config.json"  # what a run directory keeps of the config it was trained with
@@ -64,10 +64,6 @@ class Command:
     config_from_run: bool = False
     define: Callable[[flags.FlagValues], None] = lambda flag_values: None
     required: tuple[str, ...] = ()
-
-
-class _ConfigFileError(UserError):
-    """The config file could not be found or executed."""
 
 
 def _define(command: Command, argv: Sequence[str], fv: flags.FlagValues) -> None:
@@ -133,7 +129,7 @@ def _config_file_error(e: BaseException, argv: Sequence[str]) -> UserError:
     given = [a.split("=", 1)[1] for a in argv if re.match(r"^--?config=", a)]
     path = given[-1] if given else "?"
     if isinstance(e, OSError) and "Failed loading config file" in str(e):
-        return _ConfigFileError(f"--config={path}: no such config file; pass a config file such as configs/demo.py")
+        return UserError(f"--config={path}: no such config file; pass a config file such as configs/demo.py")
     overrides = [a.split("=", 1)[0].lstrip("-")[len("config."):] for a in argv if re.match(r"^--?config\.", a)]
     known = set(config_lib.field_names())
     sections = {name.split(".")[0] for name in known}
@@ -142,12 +138,12 @@ def _config_file_error(e: BaseException, argv: Sequence[str]) -> UserError:
         try:
             config_lib.check_fields(_with_field(unknown[0]))
         except UserError as named:
-            return _ConfigFileError(f"--{named}")
+            return UserError(f"--{named}")
     file = path.split(":")[0].lstrip("./")
     frames = [f for f in traceback.extract_tb(e.__traceback__) if f.filename.endswith(file)]
     line = getattr(e, "lineno", None) if isinstance(e, SyntaxError) else (frames[-1].lineno if frames else None)
     where = f"--config={path}" + (f" line {line}" if line else "")
-    return _ConfigFileError(f"{where}: the config file failed: {type(e).__name__}: {_last_line(str(e))}")
+    return UserError(f"{where}: the config file failed: {type(e).__name__}: {_last_line(str(e))}")
 
 
 def _with_field(name: str) -> ml_collections.ConfigDict:
