@@ -30,13 +30,12 @@ from collections.abc import Callable, Sequence
 import jax
 import jax.numpy as jnp
 import ml_collections
-from absl import app, flags
+from absl import flags
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
-from ml_collections import config_flags
 
-from jaxsft import config as config_lib
 from jaxsft import hardware, model_zoo, runtime
+from jaxsft.errors import UserError
 from jaxsft.models import Decoder, KVCache, ModelConfig
 from jaxsft.models import sharding
 from jaxsft.workdir import Workdir
@@ -119,8 +118,8 @@ def measure(program: Program, num_devices: int, unrolled: Program | None = None)
 def model_config(cfg: ml_collections.ConfigDict) -> ModelConfig:
     """The architecture of `cfg.model.path` (embedded table, config.json or GGUF header), with the
     config's layer scan and remat."""
-    return ModelConfig.from_hf(model_zoo.hf_config(cfg.model.path), scan_layers=cfg.model.scan_layers,
-                               remat=cfg.model.remat)
+    return ModelConfig.from_hf(model_zoo.hf_config(cfg.model.path), source=cfg.model.path,
+                               scan_layers=cfg.model.scan_layers, remat=cfg.model.remat)
 
 
 def abstract_model(cfg: ml_collections.ConfigDict, **overrides) -> tuple[nnx.GraphDef, nnx.State]:
@@ -292,37 +291,45 @@ def misfits(target: hardware.Slice, costs: Sequence[StepCost]) -> list[str]:
 
 # -- command line ----------------------------------------------------------------------------------
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).")
-_TOPOLOGY = flags.DEFINE_string("topology", None, "TPU slice: v5e-8, v4-8, v5p-8, v6e-8, ... or v5e:2x4.")
-_STEPS = flags.DEFINE_list("steps", list(STEPS), f"Steps to compile, of {', '.join(STEPS)}.")
-_JSON = flags.DEFINE_string("json", None, "Also write the figures to this file, as JSON.")
+def define_flags(fv: flags.FlagValues) -> None:
+    flags.DEFINE_string("topology", None, "TPU slice: v5e-8, v4-8, v5p-8, v6e-8, ... or v5e:2x4.", flag_values=fv)
+    flags.DEFINE_list("steps", list(STEPS), f"Steps to compile, of {', '.join(STEPS)}.", flag_values=fv)
+    flags.DEFINE_string("json", None, "Also write the figures to this file, as JSON.", flag_values=fv)
 
 
-def main(argv: Sequence[str]) -> None:
-    del argv
-    cfg = _CONFIG.value
-    unknown = sorted(set(_STEPS.value) - set(STEPS))
+def run(invocation) -> int:
+    """Compile, print the report (and the JSON); 1 when a step does not fit. A config that cannot be
+    laid out on the slice (a batch the devices do not divide, an unknown slice) is a `UserError`."""
+    cfg, args = invocation.config, invocation.flags
+    unknown = sorted(set(args["steps"]) - set(STEPS))
     if unknown:
-        raise app.UsageError(f"unknown steps {unknown}; choose from {', '.join(STEPS)}", exitcode=2)
+        raise UserError(f"--steps: unknown steps {unknown}; choose from {', '.join(STEPS)}")
     try:
-        config_lib.validate(cfg)
-        target = hardware.parse_slice(_TOPOLOGY.value)
-        mesh, costs = compile_config(cfg, target.devices(), _STEPS.value)
+        target = hardware.parse_slice(args["topology"])
+        mesh, costs = compile_config(cfg, target.devices(), args["steps"])
+    except UserError:
+        raise
     except ValueError as e:  # a config that cannot be laid out on this slice
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        raise UserError(str(e)) from e
     print(report(cfg, target, mesh, costs), flush=True)
     problems = misfits(target, costs)
-    if _JSON.value:
-        Workdir(os.path.dirname(os.path.abspath(_JSON.value))).write_json(os.path.basename(_JSON.value), dict(
+    if args["json"]:
+        Workdir(os.path.dirname(os.path.abspath(args["json"]))).write_json(os.path.basename(args["json"]), dict(
             model=cfg.model.path, slice=target.accelerator_type, topology=target.topology_name,
             hbm_bytes=target.chip.hbm_bytes, mesh=dict(mesh.shape), fits=not problems,
             steps=[dict(dataclasses.asdict(c), total=c.total, fits=c.fits(target.chip.hbm_bytes)) for c in costs]))
     if problems:
         print("\n".join(f"error: {p}" for p in problems), file=sys.stderr)
-        sys.exit(1)
+        return 1
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int | None:
+    """The CLI (`jaxsft.cli`): exit 0 fits, 1 a step does not fit, 2 the config cannot be laid out."""
+    from jaxsft import cli
+
+    return cli.main(cli.Command(run, workdir=None, define=define_flags, required=("topology",)), argv)
 
 
 if __name__ == "__main__":
-    flags.mark_flags_as_required(["config", "topology"])
-    app.run(main)
+    main()

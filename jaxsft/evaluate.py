@@ -27,6 +27,7 @@ from jaxsft import batching, generate, runtime, tokenization
 from jaxsft import score as score_stage
 from jaxsft import workdir as workdir_lib
 from jaxsft.data import answers, relations
+from jaxsft.errors import UserError
 from jaxsft.models import Decoder
 
 LEVELS = (0, 1, 2, 3, 4)
@@ -45,7 +46,7 @@ def load_test_items(workdir: str | os.PathLike | workdir_lib.Workdir, split: str
                                 f"--config.scoring.split={split}` first")
     items = [row for row in table.to_pylist() if row["split"] == split]
     if not items:
-        raise ValueError(f"no {split!r} facts among the {table.num_rows} scored in {where}")
+        raise UserError(f"no {split!r} facts among the {table.num_rows} scored in {where}")
     taken: dict[tuple[str, int], int] = {}
     kept = []
     for item in items:
@@ -149,8 +150,10 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike | workdir_lib
         fine_tuned = cell.sub(workdir_lib.MODEL)
         model_path = os.fspath(fine_tuned) if fine_tuned.exists("config.json") else cfg.model.path
         logging.info("evaluating %s on %d %s facts", model_path, len(items), cfg.eval.split)
-        model = runtime.load_model(cfg, runtime.make_mesh(cfg), model_path)
-    predictions, result = evaluate(model, tokenizer or runtime.load_tokenizer(cfg), items, cfg,
+        model, loaded = runtime.load(cfg, runtime.make_mesh(cfg), model_path)
+        tokenizer = tokenizer or loaded
+    tokenizer = tokenizer or runtime.load_tokenizer(cfg)
+    predictions, result = evaluate(model, tokenizer, items, cfg,
                                    progress=jax.process_index() == 0)
     result.update(model=model_path, scores=os.fspath(score_stage.output_dir(workdir, cfg.eval.split)),
                   split=cfg.eval.split)
@@ -161,25 +164,16 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike | workdir_lib
     return result
 
 
-def main() -> None:
-    """The CLI; its flags are defined here, so importing this module defines none."""
-    from absl import app, flags
-    from ml_collections import config_flags
+def main(argv: list[str] | None = None) -> int | None:
+    """The CLI (`jaxsft.cli`); --config is required: a fine-tuned model is read with its own tokenizer."""
+    from jaxsft import cli, hardware
 
-    from jaxsft import config as config_lib, hardware
-
-    config = config_flags.DEFINE_config_file("config", None, "experiment config file (default: default_config())",
-                                             lock_config=True)
-    workdir = flags.DEFINE_string("workdir", None, "experiment directory (local or gs://): holds the scored "
-                                  "test facts and sft/<cell>/")
-    flags.mark_flags_as_required(["workdir"])
-
-    def _main(argv):
-        del argv
+    def _main(a: cli.Invocation) -> None:
         hardware.maybe_initialize_distributed()
-        run(config.value or config_lib.default_config(), workdir.value)
+        run(a.config, a.workdir)
 
-    app.run(_main)
+    return cli.main(cli.Command(_main, workdir="experiment directory (local or gs://): holds the scored test "
+                                "facts and sft/<cell>/"), argv)
 
 
 if __name__ == "__main__":

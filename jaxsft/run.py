@@ -122,23 +122,15 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike | Workdir):
     return path
 
 
-def main() -> None:
-    from absl import app, flags
-    from ml_collections import config_flags
+def main(argv: list[str] | None = None) -> int | None:
+    """The CLI (`jaxsft.cli`): the config is validated before anything is loaded."""
+    from jaxsft import cli, hardware
 
-    from jaxsft import hardware
-
-    config = config_flags.DEFINE_config_file("config", None, "experiment config file", lock_config=True)
-    workdir = flags.DEFINE_string("workdir", None, "experiment directory (local or gs://)")
-    flags.mark_flags_as_required(["config", "workdir"])
-
-    def _main(argv):
-        del argv
-        config_lib.validate(config.value)  # before anything is loaded
+    def _main(a: cli.Invocation) -> None:
         hardware.maybe_initialize_distributed()
-        print(run(config.value, workdir.value))
+        print(run(a.config, a.workdir))
 
-    app.run(_main)
+    return cli.main(cli.Command(_main), argv)
 
 
 if __name__ == "__main__":

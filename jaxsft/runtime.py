@@ -36,3 +36,12 @@ def load_tokenizer(cfg: ml_collections.ConfigDict, path: str | None = None):
     from jaxsft import tokenization
 
     return tokenization.load_tokenizer(sources.locate(path or cfg.model.path).local)
+
+
+def load(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = None, path: str | None = None):
+    """(model, tokenizer) of `cfg.model` (or the checkpoint at `path`), checked to belong together."""
+    from jaxsft import tokenization
+
+    model, tokenizer = load_model(cfg, mesh, path), load_tokenizer(cfg, path)
+    tokenization.check_vocab(tokenizer, model.cfg, path or cfg.model.path)
+    return model, tokenizer

@@ -25,7 +25,9 @@ from absl import logging
 from jaxsft import config as config_lib
 from jaxsft import runtime
 from jaxsft.data import entity_questions
+from jaxsft.data.files import check_schema, check_unique
 from jaxsft.data.relations import ALL_RELATIONS, ID_RELATIONS, OOD_RELATIONS
+from jaxsft.errors import UserError
 from jaxsft.scoring import levels, score_facts
 from jaxsft.workdir import Workdir, barrier
 
@@ -83,14 +85,15 @@ def read_rows(workdir: str | os.PathLike | Workdir, split: str = "train", column
     """The shards written so far for `split`, in shard order: those its manifest names, no others."""
     out = output_dir(workdir, split)
     if not out.exists(MANIFEST):
-        return SCHEMA.empty_table() if columns is None else SCHEMA.empty_table().select(list(columns))
+        return pa.schema([SCHEMA.field(c) for c in columns or SCHEMA.names]).empty_table()
     m = out.read_json(MANIFEST)
     n = max(1, -(-m["facts"] // m["shard_size"]))
-    files = [out.path(shard_name(k, n)) for k in range(n)]
-    tables = out.read_parquet([f for f in files if f.exists()], None if columns is None else list(columns))
-    if tables:
-        return pa.concat_tables(tables)
-    return SCHEMA.empty_table() if columns is None else SCHEMA.empty_table().select(list(columns))
+    files = [f for f in (out.path(shard_name(k, n)) for k in range(n)) if f.exists()]
+    expected = pa.schema([SCHEMA.field(c) for c in columns or SCHEMA.names])
+    tables = [check_schema(t, expected, f) for f, t in zip(files, out.read_parquet(files, expected.names))]
+    table = pa.concat_tables(tables) if tables else expected.empty_table()
+    check_unique(table, "id", out.root)
+    return table
 
 
 def level_histogram(table: pa.Table) -> dict[str, list[int]]:
@@ -139,8 +142,8 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike | Workdir, mo
     if out.exists(MANIFEST):
         found = out.read_json(MANIFEST)
         if found != manifest:
-            raise ValueError(f"{out.root} holds scores of another run ({found}); expected {manifest}. "
-                             "Use another workdir or remove it.")
+            raise UserError(f"{out.root} holds scores of another run ({found}); expected {manifest}: "
+                            "use another workdir, or move that directory away")
     else:
         out.write_json(MANIFEST, manifest)
     size = cfg.scoring.shard_size
@@ -149,8 +152,8 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike | Workdir, mo
     if todo:
         if mesh is None:
             mesh = runtime.make_mesh(cfg)
-        model = model if model is not None else runtime.load_model(cfg, mesh)
-        tokenizer = tokenizer if tokenizer is not None else runtime.load_tokenizer(cfg)
+        if model is None or tokenizer is None:
+            model, tokenizer = runtime.load(cfg, mesh)
     done_facts = len(facts) - sum(min(len(facts), (k + 1) * size) - k * size for k in todo)
     with tqdm(total=len(facts), initial=done_facts, unit="fact", unit_scale=True,
               desc=f"memorization ({cfg.scoring.method})", disable=jax.process_index() != 0) as bar:
@@ -173,19 +176,12 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike | Workdir, mo
     return out
 
 
-def main() -> None:
-    """The CLI; its flags are defined here, so importing this module defines none."""
-    from absl import app, flags
-    from ml_collections import config_flags
+def main(argv: list[str] | None = None) -> int | None:
+    """The CLI (`jaxsft.cli`); its flags are defined here, so importing this module defines none."""
+    from jaxsft import cli
 
-    config = config_flags.DEFINE_config_file("config", None, "experiment config file", lock_config=True)
-    workdir = flags.DEFINE_string("workdir", None, "experiment directory (gets memorization/)")
-    flags.mark_flags_as_required(["config", "workdir"])
-    def score(argv: list[str]) -> None:
-        del argv
-        run(config.value, workdir.value)
-
-    app.run(score)
+    command = cli.Command(lambda a: run(a.config, a.workdir), workdir="experiment directory (gets memorization/)")
+    return cli.main(command, argv)
 
 
 if __name__ == "__main__":

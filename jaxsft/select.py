@@ -33,6 +33,7 @@ from datasets.table import InMemoryTable
 
 from jaxsft import score
 from jaxsft.data.relations import ID_RELATIONS
+from jaxsft.errors import UserError
 from jaxsft.workdir import Workdir, barrier
 
 LEVELS = ("0", "1", "2", "3", "4")
@@ -84,7 +85,7 @@ def select(scored: datasets.Dataset, level: str | int, size: str | int, seed: in
         if sp != split or relation not in groups or (level != MIXED and str(lv) != level):
             continue
         if id_ in row_of:
-            raise ValueError(f"fact id {id_!r} appears twice in the scored facts")
+            raise UserError(f"fact id {id_!r} appears twice in the scored facts")
         row_of[id_] = row
         groups[relation].setdefault(str(lv), []).append(id_)
 
@@ -147,7 +148,7 @@ def build_training_set(cfg: ml_collections.ConfigDict, workdir: str | os.PathLik
     if out.exists(MANIFEST):
         saved = out.read_json(MANIFEST)
         if saved != info:
-            raise ValueError(f"the training set {out.root} was selected from other scores (saved {saved}, "
+            raise UserError(f"the training set {out.root} was selected from other scores (saved {saved}, "
                              f"now {info}); it is kept as it is: use another workdir, or move it away to select again")
         return train_set
 
@@ -161,19 +162,13 @@ def build_training_set(cfg: ml_collections.ConfigDict, workdir: str | os.PathLik
     return train_set
 
 
-def main() -> None:
-    """The CLI; its flags are defined here, so importing this module defines none."""
-    from absl import app, flags
-    from ml_collections import config_flags
+def main(argv: list[str] | None = None) -> int | None:
+    """The CLI (`jaxsft.cli`); its flags are defined here, so importing this module defines none."""
+    from jaxsft import cli
 
-    config = config_flags.DEFINE_config_file("config", None, "experiment config file", lock_config=True)
-    workdir = flags.DEFINE_string("workdir", None, "experiment directory (holds memorization/)")
-    flags.mark_flags_as_required(["config", "workdir"])
-    def _main(argv: list[str]) -> None:
-        del argv
-        build_training_set(config.value, workdir.value)
-
-    app.run(_main)
+    command = cli.Command(lambda a: build_training_set(a.config, a.workdir),
+                          workdir="experiment directory (holds memorization/)")
+    return cli.main(command, argv)  # the stage's Dataset is not an exit status
 
 
 if __name__ == "__main__":

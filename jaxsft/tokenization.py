@@ -46,12 +46,15 @@ import transformers
 from tokenizers import Tokenizer, pre_tokenizers
 from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
+from jaxsft.errors import UserError
+
 __all__ = [
     "Continuation",
     "PAPER_TEMPLATE",
     "SFTReport",
     "SFTTemplate",
     "SequenceTooLongError",
+    "check_vocab",
     "encode_continuation",
     "encode_continuations",
     "encode_sft",
@@ -94,7 +97,7 @@ def load_tokenizer(path: str | os.PathLike[str]) -> PreTrainedTokenizerFast:
             return _load_gguf(p)
         if p.name == "tokenizer.json":
             return _load_dir(p.parent)
-        raise ValueError(f"{p}: expected a directory, a tokenizer.json or a .gguf file")
+        raise UserError(f"{p}: expected a directory, a tokenizer.json or a .gguf file")
     if p.is_dir():
         return _load_dir(p)
     name = os.fspath(path)
@@ -112,7 +115,7 @@ def _load_dir(directory: pathlib.Path) -> PreTrainedTokenizerFast:
         name = config.get("tokenizer_class")
         cls = getattr(transformers, name, None) if name else None
         if not (isinstance(cls, type) and issubclass(cls, PreTrainedTokenizerFast)):
-            raise ValueError(
+            raise UserError(
                 f"{directory}: no tokenizer.json, and tokenizer_config.json names no fast tokenizer "
                 f"class to convert the files with (tokenizer_class={name!r})"
             )
@@ -158,7 +161,7 @@ def _load_gguf(path: pathlib.Path) -> PreTrainedTokenizerFast:
 
     meta = gguf_metadata(path)
     if "tokenizer.ggml.tokens" not in meta:
-        raise ValueError(f"{path}: the GGUF file has no tokenizer metadata")
+        raise UserError(f"{path}: the GGUF file has no tokenizer metadata; use a GGUF that carries its tokenizer")
     spec = {
         name: meta[f"tokenizer.{key}"]
         for key, name in GGUF_TOKENIZER_MAPPING["tokenizer"].items()
@@ -205,18 +208,28 @@ def gguf_metadata(path: str | os.PathLike[str]) -> dict[str, object]:
     Reads only the front of the file, and arrays of numbers in one go: far faster than
     `gguf.GGUFReader`, which indexes every tensor and every array element.
     """
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-        if buf[:4] != b"GGUF":
-            raise ValueError(f"{path}: not a GGUF file")
-        version, _, count = struct.unpack_from("<IQQ", buf, 4)
+    with open(path, "rb") as f:
+        head = f.read(24)
+        if not b"GGUF".startswith(head[:4]):
+            raise UserError(f"{path}: not a GGUF file (starts with {head[:4]!r}, expected b'GGUF')")
+        if len(head) < 24:
+            raise UserError(f"{path}: truncated GGUF file ({len(head)} bytes, shorter than its 24-byte header); "
+                            "download it again")
+        version, _, count = struct.unpack_from("<IQQ", head, 4)
         if version not in (2, 3):
-            raise ValueError(f"{path}: GGUF version {version} is not supported (2 or 3 are)")
-        pos, meta = 24, {}
-        for _ in range(count):
-            key, pos = _gguf_string(buf, pos)
-            (kind,), pos = struct.unpack_from("<I", buf, pos), pos + 4
-            meta[key], pos = _gguf_value(buf, pos, kind)
-        return meta
+            raise UserError(f"{path}: GGUF version {version} is not supported (2 or 3 are); "
+                            "convert it with a current llama.cpp")
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            pos, meta = 24, {}
+            try:
+                for _ in range(count):
+                    key, pos = _gguf_string(buf, pos)
+                    (kind,), pos = struct.unpack_from("<I", buf, pos), pos + 4
+                    meta[key], pos = _gguf_value(buf, pos, kind)
+            except (struct.error, ValueError, KeyError) as e:
+                raise UserError(f"{path}: truncated or corrupt GGUF metadata (entry {len(meta)} of {count}: "
+                                f"{type(e).__name__}: {e}); download it again") from None
+            return meta
 
 
 def _gguf_string(buf, pos: int) -> tuple[str, int]:
@@ -240,6 +253,26 @@ def _gguf_value(buf, pos: int, kind: int) -> tuple[object, int]:
         value, pos = _gguf_value(buf, pos, item)
         values.append(value)
     return values, pos
+
+
+# ---------------------------------------------------------------------------- model agreement
+
+
+def check_vocab(tok: PreTrainedTokenizerBase, model_cfg, where: str) -> None:
+    """Raise `UserError` when the tokenizer can produce ids the model has no embedding for.
+
+    `model_cfg` is a `ModelConfig` (or anything with `vocab_size`); `where` names what is being paired
+    (a model path, a run directory). A model may have more rows than the tokenizer has tokens (vocabularies
+    are padded), never fewer: an id past the table reads garbage, which surfaces far later as NaN scores.
+    """
+    vocab_size = int(model_cfg.vocab_size)
+    ids = {name: i for name, i in tok.get_vocab().items() if i >= vocab_size}
+    if ids:
+        name, top = max(ids.items(), key=lambda kv: kv[1])
+        raise UserError(
+            f"{where}: the tokenizer {tok.name_or_path or ''} does not belong to the model: its token {name!r} "
+            f"has id {top} ({len(ids)} token(s) at or past the model's vocab_size {vocab_size}); "
+            "load the tokenizer that ships with the model (model.path)")
 
 
 # ----------------------------------------------------------------------------------- BOS and EOS
@@ -394,14 +427,15 @@ class SFTTemplate:
 PAPER_TEMPLATE = SFTTemplate()
 
 
-class SequenceTooLongError(ValueError):
+class SequenceTooLongError(UserError):
     """Items that do not fit in ``max_length`` under the chosen truncation policy."""
 
     def __init__(self, items: list[tuple[int, str, int]], max_length: int):
         self.items = items  # (index, question, tokens)
         shown = "; ".join(f"#{i} {q[:60]!r} ({n} tokens)" for i, q, n in items[:5])
         more = f" and {len(items) - 5} more" if len(items) > 5 else ""
-        super().__init__(f"{len(items)} item(s) longer than max_length={max_length}: {shown}{more}")
+        super().__init__(f"{len(items)} item(s) longer than max_length={max_length}: {shown}{more}; raise "
+                         "train.max_length or set train.truncation=left")
 
 
 @dataclasses.dataclass(frozen=True)

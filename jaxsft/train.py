@@ -27,21 +27,15 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike | Workdir) ->
     return train(cfg, run_dir(cfg, workdir), select.build_training_set(cfg, workdir))
 
 
-def main() -> None:
-    """The CLI; its flags are defined here, so importing this module defines none."""
-    from absl import app, flags
-    from ml_collections import config_flags
+def main(argv: list[str] | None = None) -> int | None:
+    """The CLI (`jaxsft.cli`); its flags are defined here, so importing this module defines none."""
+    from jaxsft import cli
 
-    config = config_flags.DEFINE_config_file("config", None, "experiment config file", lock_config=True)
-    workdir = flags.DEFINE_string("workdir", None, "experiment directory (holds memorization/)")
-    flags.mark_flags_as_required(["config", "workdir"])
-
-    def _main(argv):
-        del argv
+    def _main(a: cli.Invocation) -> None:
         hardware.maybe_initialize_distributed()
-        run(config.value, workdir.value)
+        run(a.config, a.workdir)
 
-    app.run(_main)
+    return cli.main(cli.Command(_main, workdir="experiment directory (holds memorization/)"), argv)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from collections.abc import Iterable
 from functools import cache, lru_cache
 from pathlib import Path
 
-from jaxsft.data.files import read_json
+from jaxsft.data.files import DataFormatError, read_json
 
 ALIASES_FILE = Path(__file__).resolve().with_name("answer_aliases.json")
 
@@ -87,19 +87,19 @@ def alias_groups(path: str | os.PathLike | None = None) -> list[list[str]]:
     file = Path(path) if path is not None else ALIASES_FILE
     table = read_json(file)
     if not isinstance(table, dict):
-        raise ValueError(f"{file}: expected an object category -> list of alias groups")
+        raise DataFormatError(f"{file}: expected an object category -> list of alias groups")
     groups, owner = [], {}
     for category, category_groups in table.items():
         for group in category_groups:
             if not isinstance(group, list) or len(group) < 2 or not all(isinstance(name, str) for name in group):
-                raise ValueError(f"{file}: {category}: an alias group is a list of at least two names, got {group!r}")
+                raise DataFormatError(f"{file}: {category}: an alias group is a list of at least two names, got {group!r}")
             for name in group:
                 key = normalize(name)
                 if not key:
-                    raise ValueError(f"{file}: {category}: {name!r} normalises to the empty string")
+                    raise DataFormatError(f"{file}: {category}: {name!r} normalises to the empty string")
                 if key in owner:
                     where = "twice in" if owner[key] is group else f"in {owner[key]!r} and in"
-                    raise ValueError(f"{file}: {name!r} (normalised {key!r}) is {where} {group!r}")
+                    raise DataFormatError(f"{file}: {name!r} (normalised {key!r}) is {where} {group!r}")
                 owner[key] = group
             groups.append(group)
     return groups

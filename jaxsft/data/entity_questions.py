@@ -24,7 +24,7 @@ import datasets
 import pyarrow as pa
 from datasets.table import InMemoryTable
 
-from jaxsft.data.files import DataFormatError, read_json
+from jaxsft.data.files import DataFormatError, decode_utf8, read_json
 from jaxsft.data.relations import check_relations, role
 from jaxsft.data.templates import PLACEHOLDER
 
@@ -54,7 +54,7 @@ class ParseFailure:
     question: str
 
 
-class SubjectParseError(ValueError):
+class SubjectParseError(DataFormatError):
     """Raised by `load(strict=True)`; `failures` lists every question that did not parse."""
 
     def __init__(self, failures: Sequence[ParseFailure]):
@@ -205,15 +205,14 @@ def _find_file(directory: Path, relation: str, split: str) -> Path:
 
 def _read_jsonl(file: Path) -> list:
     records = []
-    with open(file, encoding="utf-8") as lines:
-        for line_number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as error:
-                where = f"line {line_number} (row {len(records)})"
-                raise DataFormatError(f"{file}: {where}: invalid JSON: {error.msg}") from None
+    for line_number, line in enumerate(decode_utf8(file.read_bytes(), file).splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as error:
+            where = f"line {line_number} (row {len(records)})"
+            raise DataFormatError(f"{file}: {where}: invalid JSON: {error.msg}") from None
     return records
 
 
@@ -227,10 +226,13 @@ def _check_record(record: Any, source: str, row: int) -> tuple[str, list[str]]:
     if not isinstance(record, dict):
         raise DataFormatError(f"{source}: row {row}: expected an object with question and answers, got {record!r:.80}")
     question, answers = record.get("question"), record.get("answers")
-    if not isinstance(question, str) or not question:
-        raise DataFormatError(f"{source}: row {row}: question must be a non-empty string, got {question!r:.80}")
-    if not isinstance(answers, list) or not answers or not all(isinstance(a, str) and a for a in answers):
+    if not isinstance(question, str) or not question.strip():
+        raise DataFormatError(f"{source}: row {row}: question must be a non-empty string, not blank, got {question!r:.80}")
+    if not isinstance(answers, list) or not answers:
         raise DataFormatError(f"{source}: row {row}: answers must be a non-empty list of strings, got {answers!r:.80}")
+    for k, answer in enumerate(answers):
+        if not isinstance(answer, str) or not answer.strip():
+            raise DataFormatError(f"{source}: row {row}: answers[{k}] must be a non-blank string, got {answer!r:.80}")
     return question, answers
 
 

@@ -7,7 +7,7 @@ editable data file `completion_templates.json` (relation -> 21 strings with one 
 import os
 from pathlib import Path
 
-from jaxsft.data.files import read_json
+from jaxsft.data.files import DataFormatError, read_json
 
 from jaxsft.data.relations import ALL_RELATIONS
 
@@ -32,32 +32,32 @@ def completion_templates(path: str | os.PathLike | None = None) -> dict[str, lis
 
 
 def validate_completion_templates(templates: dict[str, list[str]], source: str = "completion templates") -> None:
-    """Raise `ValueError` naming the relation and template that break a rule.
+    """Raise `DataFormatError` (a `ValueError`) naming the relation and template that break a rule.
 
     Rules: exactly the 24 relations; per relation exactly 21 distinct strings; each has `[X]`
     exactly once, no leading or trailing whitespace (the scorer appends `" " + object`) and does
     not end a sentence.
     """
     if not isinstance(templates, dict):
-        raise ValueError(f"{source}: expected an object relation -> list of templates")
+        raise DataFormatError(f"{source}: expected an object relation -> list of templates")
     missing = [relation for relation in ALL_RELATIONS if relation not in templates]
     unknown = [relation for relation in templates if relation not in ALL_RELATIONS]
     if missing or unknown:
-        raise ValueError(f"{source}: missing relations {missing}, unknown relations {unknown}")
+        raise DataFormatError(f"{source}: missing relations {missing}, unknown relations {unknown}")
     for relation, relation_templates in templates.items():
         if not isinstance(relation_templates, list) or not all(isinstance(t, str) for t in relation_templates):
-            raise ValueError(f"{source}: {relation}: expected a list of strings")
+            raise DataFormatError(f"{source}: {relation}: expected a list of strings")
         if len(relation_templates) != TEMPLATES_PER_RELATION:
             count = len(relation_templates)
-            raise ValueError(f"{source}: {relation} has {count} templates, expected {TEMPLATES_PER_RELATION}")
+            raise DataFormatError(f"{source}: {relation} has {count} templates, expected {TEMPLATES_PER_RELATION}")
         duplicates = sorted({t for t in relation_templates if relation_templates.count(t) > 1})
         if duplicates:
-            raise ValueError(f"{source}: {relation} repeats {duplicates}")
+            raise DataFormatError(f"{source}: {relation} repeats {duplicates}")
         for template in relation_templates:
             if template.count(PLACEHOLDER) != 1:
-                raise ValueError(f"{source}: {relation}: {template!r} must contain {PLACEHOLDER} exactly once")
+                raise DataFormatError(f"{source}: {relation}: {template!r} must contain {PLACEHOLDER} exactly once")
             if template != template.strip():
-                raise ValueError(f"{source}: {relation}: {template!r} has leading or trailing whitespace")
+                raise DataFormatError(f"{source}: {relation}: {template!r} has leading or trailing whitespace")
             if template.endswith((".", "?", "!")):
-                raise ValueError(f"{source}: {relation}: {template!r} ends a sentence; the object must continue it")
+                raise DataFormatError(f"{source}: {relation}: {template!r} ends a sentence; the object must continue it")
 

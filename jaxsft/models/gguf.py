@@ -18,6 +18,8 @@ import numpy as np
 from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, ReaderTensor
 from gguf.quants import dequantize
 
+from jaxsft.errors import UserError
+
 # Rows dequantised per step: bounds a read's scratch memory to a few MB beyond its output.
 _CHUNK_ELEMENTS = 1 << 20
 
@@ -166,14 +168,40 @@ ARCHITECTURES: dict[str, GGUFArch] = {
 }
 
 
+GGUF_MAGIC = b"GGUF"
+GGUF_VERSIONS = (2, 3)  # what `gguf.GGUFReader` reads
+_HEADER_BYTES = 24  # magic, version, tensor count, metadata count
+
+
+def check_header(path: str | os.PathLike[str]) -> None:
+    """Raise `UserError` naming the file when it is not a GGUF file we can read: too short for a
+    header, another magic, an unsupported version."""
+    with open(path, "rb") as f:
+        head = f.read(_HEADER_BYTES)
+    if not GGUF_MAGIC.startswith(head[:4]):
+        raise UserError(f"cannot read GGUF file {path}: not a GGUF file (starts with {head[:4]!r}, expected {GGUF_MAGIC!r}); "
+                        "point model.path at a .gguf checkpoint, an HF directory or a hub id")
+    if len(head) < _HEADER_BYTES:
+        raise UserError(f"cannot read GGUF file {path}: truncated ({len(head)} bytes, shorter than its {_HEADER_BYTES}-byte "
+                        "header); download it again")
+    version = int.from_bytes(head[4:8], "little")
+    if version not in GGUF_VERSIONS and int.from_bytes(head[4:8], "big") not in GGUF_VERSIONS:
+        raise UserError(f"cannot read GGUF file {path}: GGUF version {version} is not supported (versions "
+                        f"{', '.join(map(str, GGUF_VERSIONS))} are); convert it with a current llama.cpp")
+
+
 def open_reader(path: str | os.PathLike[str]) -> GGUFReader:
     """A memory-mapped `GGUFReader`; an unreadable file raises an error naming it."""
     try:
+        check_header(path)
         return GGUFReader(path)
     except FileNotFoundError:
         raise FileNotFoundError(f"no such GGUF file: {path}") from None
-    except (ValueError, OSError, IndexError) as e:
-        raise ValueError(f"cannot read GGUF file {path}: {e}") from e
+    except (ValueError, IndexError) as e:
+        if isinstance(e, UserError):
+            raise
+        raise UserError(f"cannot read GGUF file {path}: truncated or corrupt ({type(e).__name__}: {e}); "
+                        "download it again") from e
 
 
 def _architecture(reader: GGUFReader) -> tuple[str, GGUFArch]:

@@ -19,9 +19,11 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, SingleDeviceSharding
 
+from jaxsft.errors import UserError
 from jaxsft.models import sharding as shd
 from jaxsft.models.config import ModelConfig
 from jaxsft.models.decoder import Decoder
+from jaxsft.models import sources
 from jaxsft.models.sources import ModelFiles, TensorSource, open_source
 
 
@@ -147,7 +149,7 @@ def _check(cfg: ModelConfig, plan, params, source: TensorSource) -> None:
         if found != expected:
             problems.append(f"shape mismatch for {name}: expected {expected}, found {found}")
     if problems:
-        raise ValueError(f"checkpoint {source.path} does not fit model_type {cfg.model_type!r}: "
+        raise UserError(f"checkpoint {source.path} does not fit model_type {cfg.model_type!r}: "
                          + "; ".join(problems))
 
 
@@ -158,8 +160,10 @@ def from_pretrained(path: str | os.PathLike | ModelFiles, *, dtype: Any = jnp.fl
     Tensors stream from memory maps one by one onto their shardings (`mesh` or the first device);
     `config_overrides` set `ModelConfig` fields such as `scan_layers` or `remat`.
     """
-    hf_config, source = open_source(path)
-    cfg = ModelConfig.from_hf(hf_config, **config_overrides)
+    files = path if isinstance(path, ModelFiles) else sources.locate(path)
+    hf_config, source = open_source(files)
+    where = files.local if files.gguf else files.local / "config.json"
+    cfg = ModelConfig.from_hf(hf_config, source=os.fspath(where), **config_overrides)
     abstract = nnx.eval_shape(lambda: Decoder(cfg, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
     params = {_key(p): v for p, v in nnx.to_flat_state(state)}

@@ -30,6 +30,7 @@ from etils import epath
 from safetensors import safe_open
 
 from jaxsft.config import EMBEDDED_MODEL
+from jaxsft.errors import UserError
 
 SAFETENSORS_FILE = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -106,7 +107,7 @@ class SafetensorsSource:
             try:
                 self._handles[file] = _RangedSafetensors(file) if _remote(file) else safe_open(file, framework="np")
             except Exception as e:  # SafetensorError, OSError: header or file unreadable
-                raise ValueError(f"cannot read safetensors file {file}: {e}") from e
+                raise UserError(f"cannot read safetensors file {file}: {e}") from e
             self._file_keys[file] = set(self._handles[file].keys())
         return self._handles[file]
 
@@ -119,7 +120,7 @@ def _read_index(index: Path) -> dict[str, Path]:
     try:
         weight_map = json.loads(index.read_text())["weight_map"]
     except (ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"cannot read safetensors index {index}: {e!r}") from e
+        raise UserError(f"cannot read safetensors index {index}: {e!r}") from e
     files = {name: index.parent / shard for name, shard in weight_map.items()}
     for shard in dict.fromkeys(files.values()):
         if not shard.is_file():
@@ -222,7 +223,7 @@ def locate(path: str | os.PathLike[str]) -> ModelFiles:
     local = Path(name).expanduser()
     if local.exists():
         if not (local.is_dir() or (local.is_file() and local.suffix == ".gguf")):
-            raise ValueError(f"{local} is neither a model directory nor a .gguf file")
+            raise UserError(f"{local} is neither a model directory nor a .gguf file: set --config.model.path to one")
         return ModelFiles(name, str(local), local)
     if _HUB_ID.fullmatch(name):
         from huggingface_hub import constants, snapshot_download
@@ -268,7 +269,7 @@ def open_source(path: str | os.PathLike[str] | ModelFiles) -> tuple[dict[str, An
     if not config.is_file():
         raise FileNotFoundError(f"no config.json in model directory {files.weights}")
     try:
-        hf_config = json.loads(config.read_text())
-    except ValueError as e:
-        raise ValueError(f"cannot parse {config}: {e}") from e
+        hf_config = json.loads(config.read_bytes().decode("utf-8"))
+    except ValueError as e:  # invalid JSON or not UTF-8
+        raise UserError(f"cannot parse {config}: {e}") from e
     return hf_config, SafetensorsSource(files.weights)

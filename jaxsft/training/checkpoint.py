@@ -15,6 +15,7 @@ from typing import Any
 import orbax.checkpoint as ocp
 from etils import epath
 
+from jaxsft.errors import UserError
 from jaxsft.training.step import TrainState
 
 
@@ -48,7 +49,7 @@ class Checkpoints:
             self._set_aside(unreadable)
             return restored.state, restored.data
         if unreadable:
-            raise RuntimeError(f"no checkpoint in {self.directory} can be read (steps {unreadable}); "
+            raise UserError(f"no checkpoint in {self.directory} can be read (steps {unreadable}); "
                                "refusing to start from scratch: move the directory away to do so")
         return None
 

@@ -33,6 +33,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from jaxsft import hardware, models, runtime, workdir as workdir_lib
+from jaxsft.errors import UserError
 from jaxsft.models import sharding
 from jaxsft.training import data, optim
 from jaxsft.training.checkpoint import Checkpoints
@@ -126,7 +127,7 @@ def _check_position(saved: dict[str, Any], expected: dict[str, Any], where: obje
     keys = ("batch_size", "seed", "num_items", "data_sha256")
     diff = {k: (saved.get(k), expected[k]) for k in keys if saved.get(k) != expected[k]}
     if diff:
-        raise ValueError(f"the checkpoint in {where} was trained on other data or order "
+        raise UserError(f"the checkpoint in {where} was trained on other data or order "
                          f"(checkpoint vs now: {diff}); use another workdir")
 
 
@@ -151,16 +152,13 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | workdir_lib.Workdir, tr
     mesh = mesh or runtime.make_mesh(cfg)
     replicas = mesh.shape["data"] * mesh.shape["fsdp"]
     if t.batch_size % t.grad_accum or (t.batch_size // t.grad_accum) % replicas:
-        raise ValueError(f"batch_size {t.batch_size} must split into grad_accum={t.grad_accum} microbatches "
+        raise UserError(f"batch_size {t.batch_size} must split into grad_accum={t.grad_accum} microbatches "
                          f"that divide over data x fsdp = {replicas} devices")
 
-    examples = data.encode(train_set, runtime.load_tokenizer(cfg), cfg)
+    model, tokenizer = runtime.load(cfg, mesh)
+    examples = data.encode(train_set, tokenizer, cfg)
     if not len(examples):
-        raise ValueError("the training set is empty")
-    model = runtime.load_model(cfg, mesh)
-    if examples.input_ids.max() >= model.cfg.vocab_size:
-        raise ValueError(f"token id {examples.input_ids.max()} is outside the model's vocabulary "
-                         f"({model.cfg.vocab_size}): tokenizer and model do not match")
+        raise UserError("the training set is empty")
     graphdef, params = nnx.split(model)
     del model
     total = t.epochs * data.steps_per_epoch(len(examples), t.batch_size)
