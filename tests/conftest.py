@@ -53,7 +53,7 @@ def tiny_experiment(root: pathlib.Path, **train) -> pathlib.Path:
 
     hf_models.build("llama2", root / "model")
     hf_models.char_tokenizer().save_pretrained(root / "model")
-    fields = dict(max_length=96, checkpoint_every=0, batch_size=4, **train)
+    fields = {**dict(max_length=96, checkpoint_every=0, batch_size=4), **train}
     path = root / "tiny.py"
     path.write_text(textwrap.dedent(f"""
         from jaxsft import config

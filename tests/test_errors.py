@@ -16,7 +16,7 @@ import sys
 import pyarrow as pa
 import pytest
 
-from conftest import REPO
+from conftest import REPO, write_scores
 from jaxsft import cli, compile as compile_stage, config as config_lib, evaluate, run, score, select, train
 from jaxsft import tokenization
 from jaxsft.data import entity_questions
@@ -426,13 +426,9 @@ def test_cli_user_error_exits_2(stage, args, names, tmp_path):
 
 def test_cli_select_exits_0_after_selecting(tmp_path):
     """It used to exit 1: absl's app.run got the returned Dataset as the exit status."""
-    import pyarrow.parquet as pq
-
-    (tmp_path / "memorization").mkdir()
     rows = [dict(id=f"{r}.train.{i}", split="train", relation=r, subject="s", question="q?", answers=["a"],
                  template_scores=[0.0], R=0.0, level=0) for r in ("P17", "P19") for i in range(5)]
-    shard = tmp_path / "memorization" / "shard-00000-of-00001.parquet"
-    pq.write_table(pa.Table.from_pylist(rows, schema=score.SCHEMA), shard)
+    write_scores(tmp_path, rows, shards=1)
     proc = cli_run("select", "--config=configs/demo.py", f"--workdir={tmp_path}", "--config.select.size=4")
     assert proc.returncode == 0, proc.stderr[-3000:]
     manifest = json.loads((tmp_path / "train_sets" / "level0-size4-seed0" / "manifest.json").read_text())

@@ -23,8 +23,7 @@ from jaxsft.errors import UserError
 from jaxsft.models import sharding as shd
 from jaxsft.models.config import ModelConfig
 from jaxsft.models.decoder import Decoder
-from jaxsft.models import sources
-from jaxsft.models.sources import ModelFiles, TensorSource, open_source
+from jaxsft.models.sources import ModelFiles, TensorSource, locate, open_source
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,7 +159,7 @@ def from_pretrained(path: str | os.PathLike | ModelFiles, *, dtype: Any = jnp.fl
     Tensors stream from memory maps one by one onto their shardings (`mesh` or the first device);
     `config_overrides` set `ModelConfig` fields such as `scan_layers` or `remat`.
     """
-    files = path if isinstance(path, ModelFiles) else sources.locate(path)
+    files = path if isinstance(path, ModelFiles) else locate(path)
     hf_config, source = open_source(files)
     where = files.local if files.gguf else files.local / "config.json"
     cfg = ModelConfig.from_hf(hf_config, source=os.fspath(where), **config_overrides)
