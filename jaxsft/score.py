@@ -90,7 +90,7 @@ def read_rows(workdir: str | os.PathLike | Workdir, split: str = "train", column
     n = max(1, -(-m["facts"] // m["shard_size"]))
     files = [f for f in (out.path(shard_name(k, n)) for k in range(n)) if f.exists()]
     expected = pa.schema([SCHEMA.field(c) for c in columns or SCHEMA.names])
-    tables = [check_schema(t, expected, f) for f, t in zip(files, out.read_parquet(files, expected.names))]
+    tables = [check_schema(t, expected, f) for f, t in zip(files, out.read_parquet(files))]
     table = pa.concat_tables(tables) if tables else expected.empty_table()
     check_unique(table, "id", out.root)
     return table

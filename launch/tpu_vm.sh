@@ -33,6 +33,11 @@ Variables (defaults in brackets):
   PYTHON        Python version of the workers' venv [3.11]
   EXTRA_ARGS    more flags for jaxsft.run, e.g. "--config.train.learning_rate=2e-5" []
   HF_TOKEN      Hugging Face token for gated models (Llama); passed to the workers, never echoed
+
+On the workers nothing else is set: gcsfs (results, models in a bucket), tensorstore (orbax
+checkpoints) and google-cloud-storage (TensorBoard) all take the VM's service account from the
+metadata server. That account needs read and write access to WORKDIR's bucket. CONFIG's model.path
+may be a gs:// HF directory or .gguf too: weights are read by byte ranges, never copied to disk.
 EOF
 }
 
@@ -104,7 +109,7 @@ step_install() {
         rm -rf ~/jaxsft && mkdir -p ~/jaxsft && tar xzf ~/jaxsft.tar.gz -C ~/jaxsft
         python3 -m pip install --quiet --user --upgrade uv
         ~/.local/bin/uv venv --quiet --allow-existing --python ${PYTHON} ~/venv
-        ~/.local/bin/uv pip install --quiet --python ~/venv/bin/python -e \"\$HOME/jaxsft[tpu]\" gcsfs
+        ~/.local/bin/uv pip install --quiet --python ~/venv/bin/python -e \"\$HOME/jaxsft[tpu]\"
         ~/venv/bin/python -c 'import jax, jaxsft; print(\"jax\", jax.__version__, \"ready\")'"
 }
 

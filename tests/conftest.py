@@ -17,6 +17,31 @@ import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SHARED_EQ = REPO.parent / "shared" / "data" / "entity_questions"
+needs_official_files = pytest.mark.skipif(
+    not SHARED_EQ.is_dir(), reason=f"compares against the official EntityQuestions files, which are not beside this "
+                                   f"clone ({SHARED_EQ}); the package ships its own copy, tested everywhere else")
+
+
+@pytest.fixture(scope="session")
+def eq_dir(tmp_path_factory) -> pathlib.Path:
+    """EntityQuestions in the official layout (`<split>/<relation>.<split>.json`, the query templates):
+    the official files where they are beside the clone, else the shipped copy written out that way."""
+    if SHARED_EQ.is_dir():
+        return SHARED_EQ
+    import gzip
+    import json
+    import shutil
+
+    from jaxsft.data import entity_questions
+
+    root = tmp_path_factory.mktemp("entity_questions")
+    for split in ("train", "dev", "test"):
+        (root / split).mkdir()
+        by_relation = json.loads(gzip.decompress(entity_questions.shipped_path(split).read_bytes()))
+        for relation, records in by_relation.items():
+            (root / split / f"{relation}.{split}.json").write_text(json.dumps(records), encoding="utf-8")
+    shutil.copy(entity_questions.PACKAGE_DIR / "relation_query_templates.json", root)
+    return root
 
 
 @pytest.fixture(scope="session")
@@ -43,7 +68,8 @@ def write_scores(workdir, rows: list[dict], split: str = "train", shards: int = 
     size = -(-len(rows) // shards)
     out.write_json(score.MANIFEST, dict(facts=len(rows), shard_size=size, split=split))
     for k in range(shards):
-        out.write_parquet(score.shard_name(k, shards), pa.Table.from_pylist(rows[k * size:(k + 1) * size]))
+        part = rows[k * size:(k + 1) * size]  # columns left out are null
+        out.write_parquet(score.shard_name(k, shards), pa.Table.from_pylist(part, schema=score.SCHEMA))
 
 
 def tiny_experiment(root: pathlib.Path, **train) -> pathlib.Path:

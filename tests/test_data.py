@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from conftest import SHARED_EQ
+from conftest import SHARED_EQ, needs_official_files
 from jaxsft import data
 from jaxsft.data import answers, entity_questions, shipped
 from jaxsft.data.relations import ALL_RELATIONS, ID_RELATIONS, OOD_RELATIONS, role
@@ -29,11 +29,12 @@ def columns(facts):
 
 
 @pytest.fixture(scope="module")
-def official():
-    """The official files read with plain `json`, independently of the loader: split -> relation -> records."""
+def official(eq_dir):
+    """The official layout read with plain `json`, independently of the loader: split -> relation -> records
+    (the official files where they are beside the clone, else the shipped copy written out)."""
     by_split = {}
     for split in data.SPLITS:
-        files = sorted((SHARED_EQ / split).glob(f"P*.{split}.json"))
+        files = sorted((eq_dir / split).glob(f"P*.{split}.json"))
         by_split[split] = {file.name.split(".")[0]: json.loads(file.read_text(encoding="utf-8")) for file in files}
     return by_split
 
@@ -64,6 +65,7 @@ def test_facts_carry_their_role(columns):
 # shipped copy == official files ----------------------------------------------------------------
 
 
+@needs_official_files
 def test_shipped_copy_equals_official_files(official):
     for split, by_relation in official.items():
         assert set(by_relation) == set(ALL_RELATIONS)
@@ -79,6 +81,7 @@ def test_shipped_copy_is_small():
     assert sum(sizes) < 5_000_000
 
 
+@needs_official_files
 def test_rebuild_reproduces_shipped_copy(tmp_path):
     written = shipped.rebuild(SHARED_EQ, tmp_path)
     assert {file.name for file in written} == {file.name for file in tmp_path.iterdir()}
@@ -87,8 +90,8 @@ def test_rebuild_reproduces_shipped_copy(tmp_path):
         assert rebuilt == gzip.decompress(entity_questions.shipped_path(split).read_bytes())
 
 
-def test_loading_official_directory_matches_shipped(facts):
-    official_facts = data.load(SHARED_EQ, splits=("dev", "test"))
+def test_loading_official_directory_matches_shipped(facts, eq_dir):
+    official_facts = data.load(eq_dir, splits=("dev", "test"))
     shipped_facts = facts.filter(lambda split: split != "train", input_columns="split")
     assert official_facts.to_dict() == shipped_facts.to_dict()
 

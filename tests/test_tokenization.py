@@ -22,7 +22,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from transformers import PreTrainedTokenizerFast
 
 import tokenizers_util as util
-from conftest import REPO, SHARED_EQ
+from conftest import REPO
 from jaxsft.tokenization import (
     PAPER_TEMPLATE,
     SequenceTooLongError,
@@ -69,15 +69,15 @@ def tok(request):
 
 
 @pytest.fixture(scope="session")
-def items():
+def items(eq_dir):
     """(question, answer) from every relation: accents, apostrophes, digits, non-Latin scripts."""
-    return util.qa_items(SHARED_EQ)
+    return util.qa_items(eq_dir)
 
 
 @pytest.fixture(scope="session")
-def pairs(items):
+def pairs(items, eq_dir):
     """(prompt, " " + answer): completion prompts ("X is located in the country of") and questions."""
-    return util.completion_pairs(SHARED_EQ) + [(q, " " + a) for q, a in items]
+    return util.completion_pairs(eq_dir) + [(q, " " + a) for q, a in items]
 
 
 def plain(tok, text: str) -> list[int]:
@@ -243,14 +243,14 @@ def test_missing_local_paths_are_not_hub_ids(tmp_path):
 # ------------------------------------------------------------------------------------ BOS and EOS
 
 
-def _tiny_byte_level(specials: list[str]) -> Tokenizer:
+def _tiny_byte_level(specials: list[str], eq_dir: pathlib.Path) -> Tokenizer:
     """A small byte-level BPE trained on real questions, with ``specials`` first in the vocabulary."""
     backend = Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=specials, initial_alphabet=alphabet)
-    data = json.loads((SHARED_EQ / "train" / "P17.train.json").read_text())[:2000]
+    data = json.loads((eq_dir / "train" / "P17.train.json").read_text())[:2000]
     backend.train_from_iterator([d["question"] + " " + d["answers"][0] for d in data], trainer)
     return backend
 
@@ -262,10 +262,10 @@ def _hf_dir(path: pathlib.Path, backend: Tokenizer, config: dict) -> pathlib.Pat
     return path
 
 
-def test_special_tokens_follow_each_family_config(tmp_path):
+def test_special_tokens_follow_each_family_config(tmp_path, eq_dir):
     """Configs as the families ship them: Llama-3 adds BOS by its post-processor (its config has no
     add_bos_token), Qwen2 has no BOS, Phi-2 names bos = eos = <|endoftext|> but adds nothing."""
-    llama3 = _tiny_byte_level(["<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>"])
+    llama3 = _tiny_byte_level(["<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>"], eq_dir)
     template = processors.TemplateProcessing(
         single="<|begin_of_text|> $A", special_tokens=[("<|begin_of_text|>", 0)]
     )
@@ -278,11 +278,11 @@ def test_special_tokens_follow_each_family_config(tmp_path):
     instruct = {**base, "eos_token": "<|eot_id|>"}
     assert special_tokens(load_tokenizer(_hf_dir(tmp_path / "llama3-it", llama3, instruct))) == (0, 2)
 
-    qwen = _tiny_byte_level(["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
+    qwen = _tiny_byte_level(["<|endoftext|>", "<|im_start|>", "<|im_end|>"], eq_dir)
     config = {"bos_token": None, "eos_token": "<|im_end|>", "tokenizer_class": "Qwen2Tokenizer"}
     assert special_tokens(load_tokenizer(_hf_dir(tmp_path / "qwen", qwen, config))) == (None, 2)
 
-    phi2 = _tiny_byte_level(["<|endoftext|>"])
+    phi2 = _tiny_byte_level(["<|endoftext|>"], eq_dir)
     config = {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>"}
     assert special_tokens(load_tokenizer(_hf_dir(tmp_path / "phi2", phi2, config))) == (None, 0)
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import importlib.util
 import json
 import os
@@ -255,6 +256,33 @@ def _locate_remote(name: str, path: epath.Path) -> ModelFiles:
         if not f.name.endswith(_WEIGHT_FILES) and f.is_file():
             (local / f.name).write_bytes(f.read_bytes())
     return ModelFiles(name, name, local)
+
+
+_SAMPLE = 1 << 20  # bytes hashed at each end of a weight file
+
+
+def fingerprint(path: str | os.PathLike[str] | ModelFiles) -> dict[str, str]:
+    """What a model is, cheaply and the same wherever it lies: its path, a hash of its config and
+    tokenizer files, and a hash of its weight files' names, sizes and first and last MiB (which hold
+    the safetensors or GGUF headers and some of every file's data)."""
+    files = path if isinstance(path, ModelFiles) else locate(path)
+    small = hashlib.sha256()
+    if not files.gguf:
+        for f in sorted(files.local.iterdir()):
+            if f.is_file():
+                small.update(f.name.encode() + b"\0" + f.read_bytes() + b"\0")
+    root = epath.Path(files.weights) if _remote(files.weights) else Path(files.weights)
+    weights = [root] if files.gguf else sorted((f for f in root.iterdir() if f.name.endswith(".safetensors")),
+                                               key=lambda f: f.name)
+    big = hashlib.sha256()
+    for f in weights:
+        with f.open("rb") as stream:
+            size = stream.seek(0, os.SEEK_END)
+            stream.seek(0)
+            head = stream.read(_SAMPLE)
+            stream.seek(max(size - _SAMPLE, 0))
+            big.update(f"{f.name}\0{size}\0".encode() + head + stream.read(_SAMPLE))
+    return dict(path=files.name, files_sha256=small.hexdigest(), weights_sha256=big.hexdigest())
 
 
 def open_source(path: str | os.PathLike[str] | ModelFiles) -> tuple[dict[str, Any], TensorSource]:
