@@ -27,7 +27,7 @@ import ml_collections
 from etils import epath
 
 from jaxsft import config as config_lib
-from jaxsft import evaluate, report, runtime, score, select, train, training
+from jaxsft import evaluate, export, report, runtime, score, select, train, training
 
 TEST_SCORES = "test_scores"
 
@@ -100,6 +100,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> epath.Pat
                 model = result.model
             with timings.stage(f"evaluate {name}"):
                 metrics = evaluate.run(cell, run_dir, scores_workdir=workdir / TEST_SCORES, model=model)
+            export.finish(cell, run_dir / "model", workdir / "train_sets" / name / "manifest.json", metrics)
         manifest = json.loads((workdir / "train_sets" / name / "manifest.json").read_text())
         cells.append(report.Cell(
             level=s.level, size=s.size, seed=s.seed, items=manifest["count"],

@@ -156,7 +156,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, model=None, 
         tokenizer = tokenizer if tokenizer is not None else runtime.load_tokenizer(cfg)
     done_facts = len(facts) - sum(min(len(facts), (k + 1) * size) - k * size for k in todo)
     with tqdm(total=len(facts), initial=done_facts, unit="fact", unit_scale=True,
-              desc=f"memorization ({cfg.scoring.method})") as bar:
+              desc=f"memorization ({cfg.scoring.method})", disable=not runtime.is_writer()) as bar:
         for k in todo:
             shard = facts.select(range(k * size, min(len(facts), (k + 1) * size)))
             end = bar.n + len(shard)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -10,7 +11,7 @@ import pytest
 
 import hf_models
 from jaxsft import config as config_lib
-from jaxsft import run, score, train, training
+from jaxsft import run, score, tracking, train, training
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -38,6 +39,18 @@ def test_run_writes_the_report_and_resumes_without_redoing_stages(tiny_config, t
         assert (tmp_path / plot).stat().st_size > 1000
     cell = train.run_dir(run.stage_config(tiny_config, select=dict(level="mixed", size="8", seed=0)), tmp_path)
     assert (cell / "model" / "config.json").exists()
+    # The model directory is complete (tokenizer, generation config) and its card has the accuracies.
+    assert {"tokenizer.json", "generation_config.json"} <= {p.name for p in (cell / "model").iterdir()}
+    metrics = json.loads((cell / "eval" / "metrics.json").read_text())
+    card = (cell / "model" / "README.md").read_text()
+    manifest = json.loads((tmp_path / "train_sets" / cell.name / "manifest.json").read_text())
+    assert manifest["ids_sha256"] in card and f"({metrics['items']} items)" in card and "| ID |" in card
+    # Accuracies sit beside the training curves in the cell's TensorBoard, which the report links.
+    steps = json.loads((cell / "train_summary.json").read_text())["steps"]
+    evals = tracking.training_curves(cell / "tensorboard", prefix="eval/")
+    assert evals[steps]["eval/id/macro"] == pytest.approx(metrics["macro"]["id"])
+    assert sorted(tracking.training_curves(cell / "tensorboard")) == list(range(steps))
+    assert f"(sft/{cell.name}/tensorboard)" in text
 
     # Killed after training, before evaluating: the rerun only evaluates and reports.
     (cell / "eval" / "metrics.json").unlink()
