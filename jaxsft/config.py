@@ -167,5 +167,6 @@ def validate(c: ml_collections.ConfigDict) -> None:
         _fail("grid.seeds", c.grid.seeds, "a non-empty tuple of integers")
     if c.export.hub_repo and not re.fullmatch(r"[\w.-]+/[\w.{}-]+", c.export.hub_repo):
         _fail("export.hub_repo", c.export.hub_repo, "'' or a hub repo id such as user/name or user/name-{cell}")
-    if c.logging.wandb_project and importlib.util.find_spec("wandb") is None:
-        _fail("logging.wandb_project", c.logging.wandb_project, "'' unless wandb is installed (pip install wandb)")
+    if c.logging.wandb_project and not all(importlib.util.find_spec(m) for m in ("wandb", "tensorboard")):
+        _fail("logging.wandb_project", c.logging.wandb_project, "'' unless wandb and tensorboard are installed "
+              "(pip install 'jaxsft[tracking]')")

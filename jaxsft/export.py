@@ -91,9 +91,9 @@ def model_card(cfg: ml_collections.ConfigDict, training: Mapping[str, Any],
             lines.append(f"| {role.upper()} | " + " | ".join(_percent(acc.get(str(lv))) for lv in range(5))
                          + f" | {_percent(metrics['macro'].get(role))} |")
         accuracy = (f"Greedy answers to the `{metrics.get('split', cfg.eval.split)}` questions "
-                    f"({metrics.get('items')} items), by memorization level of the fact in the base model "
-                    "(0: never recalled, 4: always); an answer is correct when it contains the answer or an "
-                    "alias. ID: the training relations, OOD: the others.\n\n" + "\n".join(lines))
+                    f"({metrics.get('items')} items), by the base model's memorization level of the fact "
+                    "(0: never recalled, 4: recalled in over 3/4 of the probes); correct: the answer contains "
+                    "the gold answer or an alias. ID: the training relations, OOD: the others.\n\n" + "\n".join(lines))
     else:
         accuracy = "Not evaluated yet."
     return f"""{chr(10).join(front)}
@@ -124,10 +124,12 @@ followed by EOS; the evaluation decodes greedily and keeps the answer up to its 
 ```python
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+path = "."  # this directory, or the hub repo id
 tok = AutoTokenizer.from_pretrained(path)
 model = AutoModelForCausalLM.from_pretrained(path)
 ids = tok({json.dumps(p.question_prefix + "Where was Ada Lovelace born?" + p.answer_prefix)}, return_tensors="pt")
-print(tok.decode(model.generate(**ids, max_new_tokens={cfg.eval.max_new_tokens})[0, ids.input_ids.shape[1]:]))
+new = model.generate(**ids, max_new_tokens={cfg.eval.max_new_tokens})[0, ids.input_ids.shape[1]:]
+print(tok.decode(new, skip_special_tokens=True).split("\\n")[0].strip())
 ```
 
 ## Accuracy
@@ -195,12 +197,27 @@ def finish(cfg: ml_collections.ConfigDict, model_dir: str | os.PathLike, manifes
     upload(cfg, model_dir, name)
 
 
+def finish_all(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> list[epath.Path]:
+    """`finish` every trained and evaluated cell of the experiment in `workdir`; their model dirs."""
+    from jaxsft import run, train
+
+    done = []
+    for cell in run.grid(cfg):
+        run_dir = train.run_dir(cell, workdir)
+        metrics = run_dir / "eval" / "metrics.json"
+        if not (run_dir / "model" / "config.json").exists() or not metrics.exists():
+            logging.warning("%s: not trained and evaluated yet, skipped", run_dir)
+            continue
+        finish(cell, run_dir / "model", epath.Path(workdir) / "train_sets" / run_dir.name / "manifest.json",
+               json.loads(metrics.read_text()))
+        done.append(run_dir / "model")
+    return done
+
+
 def main() -> None:
     """The CLI; its flags are defined here, so importing this module defines none."""
     from absl import app, flags
     from ml_collections import config_flags
-
-    from jaxsft import run, train
 
     config = config_flags.DEFINE_config_file("config", None, "experiment config file", lock_config=True)
     workdir = flags.DEFINE_string("workdir", None, "experiment directory (holds sft/ and train_sets/)")
@@ -209,15 +226,8 @@ def main() -> None:
     def _main(argv):
         del argv
         config_lib.validate(config.value)
-        for cell in run.grid(config.value):
-            run_dir = train.run_dir(cell, workdir.value)
-            metrics = run_dir / "eval" / "metrics.json"
-            if not (run_dir / "model" / "config.json").exists() or not metrics.exists():
-                logging.warning("%s: not trained and evaluated yet, skipped", run_dir)
-                continue
-            finish(cell, run_dir / "model", epath.Path(workdir.value) / "train_sets" / run_dir.name / "manifest.json",
-                   json.loads(metrics.read_text()))
-            print(run_dir / "model")
+        for model_dir in finish_all(config.value, workdir.value):
+            print(model_dir)
 
     app.run(_main)
 

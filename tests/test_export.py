@@ -75,6 +75,13 @@ def test_export_opens_in_transformers_and_answers_as_ours(family, tokenizer, tmp
             theirs = their_model.generate(torch.tensor([prompt]), max_new_tokens=NEW_TOKENS)[0, len(prompt):]
             assert theirs.tolist() == tokens, (family, their_tok.decode(prompt))
 
+    # The card's snippet runs as written on the directory.
+    card = (out / "README.md").read_text()
+    snippet = card.split("```python\n")[1].split("```")[0]
+    printed = []
+    exec(snippet.replace('path = "."', f"path = {str(out)!r}"), {"print": printed.append})
+    assert len(printed) == 1 and isinstance(printed[0], str)
+
 
 def test_card_names_base_training_set_and_hyperparameters_then_accuracies(tmp_path, monkeypatch):
     import huggingface_hub

@@ -7,11 +7,12 @@ import os
 import subprocess
 import sys
 
+import huggingface_hub
 import pytest
 
 import hf_models
 from jaxsft import config as config_lib
-from jaxsft import run, score, tracking, train, training
+from jaxsft import export, run, score, tracking, train, training
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -51,6 +52,14 @@ def test_run_writes_the_report_and_resumes_without_redoing_stages(tiny_config, t
     assert evals[steps]["eval/id/macro"] == pytest.approx(metrics["macro"]["id"])
     assert sorted(tracking.training_curves(cell / "tensorboard")) == list(range(steps))
     assert f"(sft/{cell.name}/tensorboard)" in text
+    # Upload afterwards (`python -m jaxsft.export`): every evaluated cell, to its folder of the repo.
+    uploads = []
+    monkeypatch.setattr(huggingface_hub, "create_repo", lambda repo, **kw: None)
+    monkeypatch.setattr(huggingface_hub, "upload_folder", lambda **kw: uploads.append(kw))
+    assert export.finish_all(run.stage_config(tiny_config, export=dict(hub_repo="someone/qa")), tmp_path) == [
+        cell / "model"]
+    assert [(u["repo_id"], u["folder_path"], u["path_in_repo"]) for u in uploads] == [
+        ("someone/qa", str(cell / "model"), cell.name)]
 
     # Killed after training, before evaluating: the rerun only evaluates and reports.
     (cell / "eval" / "metrics.json").unlink()
