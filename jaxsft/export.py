@@ -184,9 +184,12 @@ def upload(cfg: ml_collections.ConfigDict, model_dir: str | os.PathLike, name: s
 
 
 def finish(cfg: ml_collections.ConfigDict, model_dir: str | os.PathLike, manifest: str | os.PathLike | Mapping,
-           metrics: Mapping[str, Any]) -> None:
+           metrics: Mapping[str, Any], *, strict: bool = False) -> None:
     """After evaluation: re-write the card of `model_dir` with `metrics` and the training set's
-    `manifest` (a dict or its `manifest.json`), then upload when `cfg.export.hub_repo` is set."""
+    `manifest` (a dict or its `manifest.json`), then upload when `cfg.export.hub_repo` is set.
+
+    A failed upload is logged, not raised, unless `strict`: an experiment goes on to its next cell,
+    and `python -m jaxsft.export` (strict) uploads later."""
     if jax.process_index() != 0:
         return
     model_dir = epath.Path(model_dir)
@@ -194,7 +197,13 @@ def finish(cfg: ml_collections.ConfigDict, model_dir: str | os.PathLike, manifes
         manifest = json.loads(epath.Path(manifest).read_text())
     name = model_dir.parent.name
     runtime.atomic_write_text(model_dir / CARD, model_card(cfg, manifest, metrics, name=name))
-    upload(cfg, model_dir, name)
+    try:
+        upload(cfg, model_dir, name)
+    except Exception as err:  # the hub raises many types: network, auth, quota
+        if strict:
+            raise
+        logging.error("uploading %s to %s failed (%s: %s); upload later with `python -m jaxsft.export`",
+                      model_dir, cfg.export.hub_repo, type(err).__name__, err)
 
 
 def finish_all(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> list[epath.Path]:
@@ -209,7 +218,7 @@ def finish_all(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> li
             logging.warning("%s: not trained and evaluated yet, skipped", run_dir)
             continue
         finish(cell, run_dir / "model", epath.Path(workdir) / "train_sets" / run_dir.name / "manifest.json",
-               json.loads(metrics.read_text()))
+               json.loads(metrics.read_text()), strict=True)
         done.append(run_dir / "model")
     return done
 

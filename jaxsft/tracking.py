@@ -14,6 +14,7 @@ keeps it on the machine (`wandb sync` uploads later).
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -96,4 +97,7 @@ def log_evaluation(cfg: ml_collections.ConfigDict, run_dir: str | os.PathLike, m
         for tag, value in scalars.items():
             writer.add_scalar(tag, value, step)
     if cfg.logging.wandb_project:
-        log_wandb(cfg, run_dir, scalars, metrics, predictions, step)
+        try:
+            log_wandb(cfg, run_dir, scalars, metrics, predictions, step)
+        except Exception as err:  # not logged in, no network: the experiment goes on, its files hold it all
+            logging.error("W&B logging of %s failed (%s: %s)", run_dir, type(err).__name__, err)

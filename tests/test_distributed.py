@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import re
 import socket
 import subprocess
 import sys
@@ -48,7 +49,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run(config_file: pathlib.Path, workdir: pathlib.Path, processes: int) -> None:
+def _run(config_file: pathlib.Path, workdir: pathlib.Path, processes: int) -> list[str]:
     port = _free_port()
     procs = []
     for i in range(processes):
@@ -63,6 +64,10 @@ def _run(config_file: pathlib.Path, workdir: pathlib.Path, processes: int) -> No
     logs = [p.communicate(timeout=900)[0] for p in procs]
     for p, log in zip(procs, logs):
         assert p.returncode == 0, log[-4000:]
+    return logs
+
+
+BAR = re.compile(r"(memorization \(\w+\)|train|evaluate): +\d+%\|")  # a tqdm bar of a stage
 
 
 def _scores(workdir: pathlib.Path) -> dict[str, float]:
@@ -76,7 +81,9 @@ def _scores(workdir: pathlib.Path) -> dict[str, float]:
 
 def test_two_processes_match_one(config_file, tmp_path):
     _run(config_file, tmp_path / "one", processes=1)
-    _run(config_file, tmp_path / "two", processes=2)
+    logs = _run(config_file, tmp_path / "two", processes=2)
+    assert {m.group(1) for m in BAR.finditer(logs[0])} == {"memorization (likelihood)", "train", "evaluate"}
+    assert not BAR.search(logs[1]), logs[1][-2000:]  # one bar per stage: process 0's
     one, two = _scores(tmp_path / "one"), _scores(tmp_path / "two")
     assert one.keys() == two.keys() and len(one) > 20
     np.testing.assert_allclose([two[k] for k in one], list(one.values()), atol=1e-5, rtol=0)

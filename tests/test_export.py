@@ -121,6 +121,13 @@ def test_card_names_base_training_set_and_hyperparameters_then_accuracies(tmp_pa
     assert calls == [("create", "someone/smollm2-qa", dict(private=True, exist_ok=True)),
                      ("upload", dict(repo_id="someone/smollm2-qa", folder_path=str(model_dir),
                                      path_in_repo="level2-size60-seed3", commit_message="jaxsft: level2-size60-seed3"))]
+    def offline(**kwargs):
+        raise OSError("no network")
+
+    monkeypatch.setattr(huggingface_hub, "upload_folder", offline)
+    export.finish(cfg, model_dir, info, metrics)  # an experiment goes on: logged
+    with pytest.raises(OSError, match="no network"):
+        export.finish(cfg, model_dir, info, metrics, strict=True)
     cfg.export.hub_repo = "someone/qa-{cell}"  # a repo per cell, the model at its root
     assert export.hub_target(cfg, "level2-size60-seed3") == ("someone/qa-level2-size60-seed3", None)
     cfg.export.hub_repo = "not a repo"

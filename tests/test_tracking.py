@@ -63,7 +63,7 @@ def wandb_records(path: pathlib.Path) -> list:
 
 
 def test_wandb_offline_run_holds_config_training_curves_and_eval_tables(tmp_path, monkeypatch):
-    pytest.importorskip("wandb")
+    wandb = pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     monkeypatch.setenv("WANDB_SILENT", "true")
@@ -73,6 +73,7 @@ def test_wandb_offline_run_holds_config_training_curves_and_eval_tables(tmp_path
     run_dir = tmp_path / "exp" / "sft" / "level0-size60-seed0"
     predictions, metrics = _evaluated(run_dir)
     tracking.log_evaluation(cfg, run_dir, metrics, predictions)
+    wandb.teardown()  # wandb-core writes the run file after `finish` returns: wait for it, as at exit
 
     (run_file,) = (tmp_path / "wandb").glob("offline-run-*/run-*.wandb")
     records = wandb_records(run_file)
@@ -95,3 +96,19 @@ def test_wandb_offline_run_holds_config_training_curves_and_eval_tables(tmp_path
                                               " | ".join(p["answers"]), p["prediction"], p["correct"]]
                                              for p in predictions]
     assert ["id", 2, 0.0, 1] in tables["accuracy"]["data"] and ["ood", 1, None, 0] in tables["accuracy"]["data"]
+
+
+def test_wandb_failure_is_logged_and_the_experiment_goes_on(tmp_path, monkeypatch, caplog):
+    wandb = pytest.importorskip("wandb")
+
+    def not_logged_in(**kwargs):
+        raise wandb.errors.UsageError("api_key not configured (no-tty)")
+
+    monkeypatch.setattr(wandb, "init", not_logged_in)
+    cfg = config_lib.default_config()
+    cfg.logging.wandb_project = "jaxsft-test"
+    run_dir = tmp_path / "sft" / "level0-size60-seed0"
+    predictions, metrics = _evaluated(run_dir)
+    tracking.log_evaluation(cfg, run_dir, metrics, predictions)
+    assert "W&B logging" in caplog.text and "api_key not configured" in caplog.text
+    assert tracking.training_curves(run_dir / "tensorboard", prefix="eval/")  # TensorBoard has them all the same
