@@ -7,8 +7,10 @@ overridden on the command line with `--config.a.b=value`.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import difflib
 import math
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -85,6 +87,13 @@ def default_config() -> ml_collections.ConfigDict:
         question_prefix="<|question|> ",
         answer_prefix=" <|answer|>",
     ))
+
+    # Where a fine-tuned model goes besides `sft/<cell>/model/` (jaxsft.export): a hub repo id
+    # ("user/name", "{cell}" is replaced by the cell's name, else each cell is a folder of the repo).
+    c.export = ml_collections.ConfigDict(dict(hub_repo=""))  # empty: no upload
+
+    # Metrics go to TensorBoard (`sft/<cell>/tensorboard/`) always, and to W&B when a project is set.
+    c.logging = ml_collections.ConfigDict(dict(wandb_project=""))  # empty: no W&B
 
     # The experiment grid (jaxsft.run): training level x size x seed.
     c.grid = ml_collections.ConfigDict(dict(levels=("0", "1", "2", "3", "4"), sizes=("60",), seeds=(0,)))
@@ -230,6 +239,11 @@ SCHEMA: dict[str, Field] = {
     "eval.limit_per_level": integer(0),
     "prompt.question_prefix": string(),
     "prompt.answer_prefix": string(),
+    "export.hub_repo": Field("'' or a hub repo id such as user/name or user/name-{cell}",
+                             lambda v: isinstance(v, str) and (not v or re.fullmatch(r"[\w.-]+/[\w.{}-]+", v))),
+    "logging.wandb_project": Field("'' unless wandb and tensorboard are installed (pip install 'jaxsft[tracking]')",
+                                   lambda v: isinstance(v, str) and (not v or all(
+                                       importlib.util.find_spec(m) for m in ("wandb", "tensorboard")))),
     "grid.levels": sequence(LEVEL),
     "grid.sizes": sequence(SIZE),
     "grid.seeds": sequence(integer(0)),

@@ -23,7 +23,7 @@ import jax
 import ml_collections
 import tqdm
 
-from jaxsft import batching, generate, runtime, tokenization
+from jaxsft import batching, generate, runtime, tokenization, tracking
 from jaxsft import score as score_stage
 from jaxsft import workdir as workdir_lib
 from jaxsft.data import answers, relations
@@ -82,7 +82,8 @@ def predict(model: Decoder, tokenizer, questions: Sequence[str], cfg: ml_collect
     stop = generate.stop_token_table(tokenizer, sorted({eos, *model.cfg.eos_ids}))
     outputs: list[str] = [""] * len(prompts)
     generated = 0
-    with tqdm.tqdm(total=len(prompts), desc="evaluate", unit="question", disable=not progress) as bar:
+    lead = jax.process_index() == 0  # one bar per job
+    with tqdm.tqdm(total=len(prompts), desc="evaluate", unit="question", disable=not (progress and lead)) as bar:
         for bucket, idx in batching.bucketed_batches([len(p) for p in prompts], e.buckets, e.batch_size):
             new = generate.generate(model, [prompts[i] for i in idx], stop_table=stop, max_new_tokens=e.max_new_tokens,
                                     buckets=(bucket,), batch_size=e.batch_size)
@@ -160,6 +161,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike | workdir_lib
     out = cell.sub(workdir_lib.EVAL)
     out.write_text("predictions.jsonl", "".join(json.dumps(p) + "\n" for p in predictions))
     out.write_json("metrics.json", result)
+    tracking.log_evaluation(cfg, cell, result, predictions)  # TensorBoard (and W&B) on process 0
     logging.info("accuracy (macro over levels): ID %s, OOD %s", result["macro"]["id"], result["macro"]["ood"])
     return result
 

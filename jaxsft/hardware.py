@@ -151,4 +151,10 @@ def maybe_initialize_distributed() -> bool:
                                    int(env["JAXSFT_PROCESS_ID"]))
     else:
         jax.distributed.initialize()
+    if jax.process_index() != 0:  # the libraries' progress bars too: process 0 only, as ours
+        import datasets
+        import huggingface_hub
+
+        datasets.disable_progress_bars()
+        huggingface_hub.utils.disable_progress_bars()
     return True

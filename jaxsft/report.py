@@ -17,6 +17,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from jaxsft import select  # noqa: E402
 from jaxsft.workdir import Workdir  # noqa: E402
 
 LEVELS = (0, 1, 2, 3, 4)
@@ -121,6 +122,8 @@ def write(workdir: str | os.PathLike | Workdir, *, train_levels: Mapping[str, Se
             rows.append(f"| {relation} | " + " | ".join(map(str, c)) + f" | {sum(c)} |")
         return "\n".join(rows)
 
+    runs = sorted({select.set_name(c.level, c.size, c.seed) for c in cells if c.items})
+    tensorboard = ", ".join(f"[{name}](sft/{name}/tensorboard)" for name in runs) or "none yet"
     timing_rows = "\n".join(f"| {stage} | {seconds:.1f} |" for stage, seconds in timings.items())
     text = f"""# jaxsft report
 
@@ -131,6 +134,9 @@ def write(workdir: str | os.PathLike | Workdir, *, train_levels: Mapping[str, Se
 {paper_table(cells)}
 
 ![accuracy against training-set size](accuracy_vs_size.png)
+
+Training curves and these accuracies (`eval/<role>/level<L>`, `eval/<role>/macro` at the final step)
+per cell in TensorBoard: `tensorboard --logdir sft` from this directory. Cells: {tensorboard}.
 
 ## Memorization levels per relation
 

@@ -27,7 +27,7 @@ import jax
 import ml_collections
 
 from jaxsft import config as config_lib
-from jaxsft import evaluate, report, score, select, train, training
+from jaxsft import evaluate, export, report, score, select, train, training
 from jaxsft import workdir as workdir_lib
 from jaxsft.workdir import Workdir, barrier
 
@@ -99,6 +99,8 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike | Workdir):
                 model = result.model
             with timings.stage(f"evaluate {name}"):
                 metrics = evaluate.run(cell, workdir, model=model)
+            export.finish(cell, run_dir.sub(workdir_lib.MODEL), workdir.train_set(name).read_json(select.MANIFEST),
+                          metrics)
         manifest = workdir.train_set(name).read_json(select.MANIFEST)
         cells.append(report.Cell(
             level=s.level, size=s.size, seed=s.seed, items=manifest["count"],

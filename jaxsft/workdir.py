@@ -75,6 +75,12 @@ class Workdir:
     def __fspath__(self) -> str:
         return os.fspath(self.root)
 
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Workdir) and os.fspath(self.root) == os.fspath(other.root)
+
+    def __hash__(self) -> int:
+        return hash(os.fspath(self.root))
+
     @property
     def remote(self) -> bool:
         return is_remote(self.root)
@@ -195,6 +201,20 @@ class Workdir:
             yield local
         finally:
             shutil.rmtree(local, ignore_errors=True)
+
+    @contextlib.contextmanager
+    def local_copy(self) -> Iterator[pathlib.Path]:
+        """This directory on the local disk: itself, or a temporary download of a bucket's copy."""
+        if not self.remote:
+            yield pathlib.Path(self.root)
+            return
+        with tempfile.TemporaryDirectory(prefix="jaxsft-") as tmp:
+            for f in self.root.rglob("*"):
+                if f.is_file():
+                    dest = pathlib.Path(tmp, os.path.relpath(os.fspath(f), os.fspath(self.root)))
+                    dest.parent.mkdir(parents=True, exist_ok=True)
+                    dest.write_bytes(f.read_bytes())
+            yield pathlib.Path(tmp)
 
     def remove(self, name: str) -> None:
         """Delete the file `name` if it is there (process 0 only)."""

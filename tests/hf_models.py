@@ -35,13 +35,14 @@ FAMILIES: dict[str, tuple[str, dict]] = {
 SEQ_LEN = 24  # longer than original_max_position_embeddings of the longrope configs
 
 
-def build(family: str, directory: pathlib.Path, seed: int = 0):
-    """Save a random model of `family` to `directory`; return the torch model (eval, float32)."""
+def build(family: str, directory: pathlib.Path, seed: int = 0, **overrides):
+    """Save a random model of `family` to `directory`; return the torch model (eval, float32).
+    `overrides` replace config fields (e.g. `vocab_size` to fit a real tokenizer)."""
     import torch
     import transformers
 
     cls_name, kwargs = FAMILIES[family]
-    config = getattr(transformers, cls_name)(**_COMMON, **kwargs)
+    config = getattr(transformers, cls_name)(**{**_COMMON, **kwargs, **overrides})
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
     with torch.no_grad():  # random everything, norms and biases too, so every mapping is exercised

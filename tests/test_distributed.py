@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import signal
 import time
 
@@ -21,6 +22,9 @@ from jaxsft.data.relations import ID_RELATIONS
 
 BUCKET = "jaxsft-test"
 CELL = "sft/levelmixed-size8-seed0"
+
+
+BAR = re.compile(r"(memorization \(\w+\)|train|evaluate): +\d+%\|")  # a tqdm bar of a stage
 
 
 def _scores(read) -> dict[str, float]:
@@ -39,7 +43,9 @@ def test_two_processes_on_a_bucket_match_one_on_a_local_disk(gcs, tmp_path):
     config = tiny_experiment(tmp_path)
     local, remote = tmp_path / "one", f"gs://{BUCKET}/two"
     finish(launch("jaxsft.run", [f"--config={config}", f"--workdir={local}"], processes=1))
-    finish(launch("jaxsft.run", [f"--config={config}", f"--workdir={remote}"], processes=2))
+    logs = finish(launch("jaxsft.run", [f"--config={config}", f"--workdir={remote}"], processes=2))
+    assert {m.group(1) for m in BAR.finditer(logs[0])} == {"memorization (likelihood)", "train", "evaluate"}
+    assert not BAR.search(logs[1]), logs[1][-2000:]  # one bar per stage: process 0's
     gcs.invalidate_cache()
     one = _scores(lambda name: (local / name).read_bytes())
     two = _scores(lambda name: gcs.cat(f"{BUCKET}/two/{name}"))

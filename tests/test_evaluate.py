@@ -175,3 +175,16 @@ def test_cli(tiny, tmp_path):
     metrics = json.loads((tmp_path / "sft" / "level0-size60-seed0" / "eval" / "metrics.json").read_text())
     assert metrics["items"] == len(ITEMS) and set(metrics["macro"]) == {"id", "ood"}
     assert "evaluate" in proc.stderr  # the tqdm bar
+
+
+def test_progress_bar_on_process_zero_only(tiny, capfd, monkeypatch):
+    import jax
+
+    _, model, tokenizer = tiny
+    cfg = _cfg()
+    cfg.eval.max_new_tokens = 2
+    evaluate.predict(model, tokenizer, ["Where?"], cfg)
+    assert "evaluate" in capfd.readouterr().err
+    monkeypatch.setattr(jax, "process_index", lambda: 1)  # another host of a multi-host job
+    evaluate.predict(model, tokenizer, ["Where?"], cfg)
+    assert "evaluate" not in capfd.readouterr().err

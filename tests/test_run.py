@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 
+import huggingface_hub
 import pytest
 
 import hf_models
 from jaxsft import config as config_lib
-from jaxsft import run, score, train, training
+from jaxsft import export, run, score, tracking, train, training
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -38,6 +40,26 @@ def test_run_writes_the_report_and_resumes_without_redoing_stages(tiny_config, t
         assert (tmp_path / plot).stat().st_size > 1000
     cell = train.run_dir(run.stage_config(tiny_config, select=dict(level="mixed", size="8", seed=0)), tmp_path)
     assert cell.exists("model", "config.json")
+    # The model directory is complete (tokenizer, generation config) and its card has the accuracies.
+    assert {"tokenizer.json", "generation_config.json"} <= {p.name for p in cell.path("model").iterdir()}
+    metrics = cell.read_json("eval", "metrics.json")
+    card = cell.read_text("model", "README.md")
+    manifest = json.loads((tmp_path / "train_sets" / cell.root.name / "manifest.json").read_text())
+    assert manifest["ids_sha256"] in card and f"({metrics['items']} items)" in card and "| ID |" in card
+    # Accuracies sit beside the training curves in the cell's TensorBoard, which the report links.
+    steps = cell.read_json("train_summary.json")["steps"]
+    evals = tracking.training_curves(cell.path("tensorboard"), prefix="eval/")
+    assert evals[steps]["eval/id/macro"] == pytest.approx(metrics["macro"]["id"])
+    assert sorted(tracking.training_curves(cell.path("tensorboard"))) == list(range(steps))
+    assert f"(sft/{cell.root.name}/tensorboard)" in text
+    # Upload afterwards (`python -m jaxsft.export`): every evaluated cell, to its folder of the repo.
+    uploads = []
+    monkeypatch.setattr(huggingface_hub, "create_repo", lambda repo, **kw: None)
+    monkeypatch.setattr(huggingface_hub, "upload_folder", lambda **kw: uploads.append(kw))
+    assert export.finish_all(run.stage_config(tiny_config, export=dict(hub_repo="someone/qa")), tmp_path) == [
+        cell.sub("model")]
+    assert [(u["repo_id"], u["folder_path"], u["path_in_repo"]) for u in uploads] == [
+        ("someone/qa", str(cell.path("model")), cell.root.name)]
 
     # Killed after training, before evaluating: the rerun only evaluates and reports.
     cell.path("eval", "metrics.json").unlink()

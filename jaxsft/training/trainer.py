@@ -32,7 +32,7 @@ import tqdm
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from jaxsft import hardware, models, runtime, workdir as workdir_lib
+from jaxsft import export, hardware, models, runtime, workdir as workdir_lib
 from jaxsft.errors import UserError
 from jaxsft.models import sharding
 from jaxsft.training import data, optim
@@ -219,7 +219,9 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | workdir_lib.Workdir, tr
     model = nnx.merge(graphdef, state.params)
     done = int(state.step)
     if done == total:
-        workdir.sub(workdir_lib.MODEL).publish(lambda local: models.save_pretrained(model, local), "config.json")
+        workdir.sub(workdir_lib.MODEL).publish(  # weights, tokenizer, generation config, card
+            lambda local: export.save(cfg, model, local, train_set=train_set, tokenizer=tokenizer,
+                                      name=workdir.root.name), "config.json")
         history = metrics_log.history
         workdir.write_json("train_summary.json", dict(
             steps=total, items=len(examples), params=n_params, encoding=str(examples.report),
