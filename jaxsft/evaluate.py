@@ -28,6 +28,7 @@ from jaxsft import score as score_stage
 from jaxsft import workdir as workdir_lib
 from jaxsft.data import answers, relations
 from jaxsft.errors import UserError
+from jaxsft.models import sources
 from jaxsft.models import Decoder
 
 LEVELS = (0, 1, 2, 3, 4)
@@ -136,6 +137,32 @@ def evaluate(model: Decoder, tokenizer, test_items: Sequence[Mapping[str, Any]],
     return predictions, result
 
 
+def settings(cfg: ml_collections.ConfigDict, cell: workdir_lib.Workdir) -> dict[str, Any]:
+    """What an evaluation's result depends on: the model evaluated (the cell's fine-tuned one, else
+    `cfg.model`), the tokenizer's model, the test facts and the decoding settings."""
+    fine_tuned = cell.sub(workdir_lib.MODEL)
+    model = fine_tuned if fine_tuned.exists("config.json") else cfg.model.path
+    return dict(model=sources.fingerprint(os.fspath(model)), tokenizer=sources.fingerprint(cfg.model.path),
+                eval=cfg.eval.to_dict(), prompt=cfg.prompt.to_dict())
+
+
+def done(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike | workdir_lib.Workdir) -> dict[str, Any] | None:
+    """The metrics of the cell `cfg.select` if it was evaluated with these settings; None if it was not
+    evaluated. Results of other settings are never overwritten: they are an error naming the difference."""
+    from jaxsft import train
+
+    cell = train.run_dir(cfg, workdir)
+    out = cell.sub(workdir_lib.EVAL)
+    if not out.exists("metrics.json"):
+        return None
+    metrics = out.read_json("metrics.json")
+    differ = score_stage.differences(metrics.get("settings", {}), json.loads(json.dumps(settings(cfg, cell))))
+    if differ:
+        raise UserError(f"{out.root} holds an evaluation with other settings ({differ}); it is kept: use another "
+                        "workdir, or move that directory away to evaluate again")
+    return metrics
+
+
 def run(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike | workdir_lib.Workdir, *,
         model: Decoder | None = None, tokenizer=None) -> dict[str, Any]:
     """Evaluate the grid cell `cfg.select` of the experiment `workdir` on its scored test facts: `model`
@@ -145,6 +172,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike | workdir_lib
 
     workdir = workdir_lib.Workdir(workdir)
     cell = train.run_dir(cfg, workdir)
+    done(cfg, workdir)  # refuses to overwrite an evaluation of other settings
     items = load_test_items(workdir, cfg.eval.split, cfg.eval.limit_per_level)
     model_path = None  # a model passed in is recorded as such
     if model is None:
@@ -157,7 +185,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike | workdir_lib
     predictions, result = evaluate(model, tokenizer, items, cfg,
                                    progress=jax.process_index() == 0)
     result.update(model=model_path, scores=os.fspath(score_stage.output_dir(workdir, cfg.eval.split)),
-                  split=cfg.eval.split)
+                  split=cfg.eval.split, settings=settings(cfg, cell))
     out = cell.sub(workdir_lib.EVAL)
     out.write_text("predictions.jsonl", "".join(json.dumps(p) + "\n" for p in predictions))
     out.write_json("metrics.json", result)

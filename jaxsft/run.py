@@ -72,17 +72,15 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike | Workdir):
     test_scoring = stage_config(cfg, scoring=dict(split=cfg.eval.split),
                                 data=dict(relations="all", limit_per_relation=test_limit))
     for name, stage_cfg in (("score train facts", train_scoring), ("score test facts", test_scoring)):
-        if not score.memorization_done(workdir, stage_cfg.scoring.split):
-            with timings.stage(name):
-                score.run(stage_cfg, workdir)
+        with timings.stage(name):  # finished scores are only checked to be this experiment's
+            score.run(stage_cfg, workdir)
 
     cells = []
     for cell in grid(cfg):
         s = cell.select
         name = select.set_name(s.level, s.size, s.seed)
         run_dir = train.run_dir(cell, workdir)
-        results = run_dir.sub(workdir_lib.EVAL)
-        metrics = results.read_json("metrics.json") if results.exists("metrics.json") else None
+        metrics = evaluate.done(cell, workdir)
         if metrics is None:
             train_set = select.build_training_set(cell, workdir)
             if not len(train_set):

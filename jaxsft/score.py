@@ -28,6 +28,7 @@ from jaxsft.data import entity_questions
 from jaxsft.data.files import check_schema, check_unique
 from jaxsft.data.relations import ALL_RELATIONS, ID_RELATIONS, OOD_RELATIONS
 from jaxsft.errors import UserError
+from jaxsft.models import sources
 from jaxsft.scoring import levels, score_facts
 from jaxsft.workdir import Workdir, barrier
 
@@ -72,9 +73,25 @@ def _manifest(cfg: ml_collections.ConfigDict, ids: Sequence[str]) -> dict:
     scorer = dict(method=s.method, temperature=s.temperature, num_samples=s.num_samples)
     if s.method == "sampling":
         scorer.update(max_new_tokens=s.max_new_tokens, top_k=s.top_k, top_p=s.top_p, seed=s.seed)
-    return dict(model=cfg.model.path, dtype=cfg.model.dtype, split=s.split, data=cfg.data.to_dict(),
+    return dict(model=sources.fingerprint(cfg.model.path), dtype=cfg.model.dtype, split=s.split, data=cfg.data.to_dict(),
                 scorer=scorer, facts=len(ids), shard_size=s.shard_size,
                 ids_sha256=hashlib.sha256("\n".join(ids).encode()).hexdigest())
+
+
+def differences(found: dict, expected: dict, prefix: str = "") -> str:
+    """What differs between a recorded provenance and the one asked for, as `key: found != expected`
+    (a model's `path` aside: the same files may lie elsewhere)."""
+    out = []
+    for key in sorted(set(found) | set(expected)):
+        a, b = found.get(key), expected.get(key)
+        if key == "path" and prefix.endswith("model."):
+            continue
+        if isinstance(a, dict) and isinstance(b, dict):
+            inner = differences(a, b, f"{prefix}{key}.")
+            out += [inner] if inner else []
+        elif a != b:
+            out.append(f"{prefix}{key}: recorded {a!r}, now {b!r}")
+    return "; ".join(out)
 
 
 def shard_name(k: int, n: int) -> str:
@@ -130,7 +147,8 @@ def plot_histogram(histogram: dict[str, list[int]], title: str):
 def run(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike | Workdir, model=None, tokenizer=None,
         mesh: jax.sharding.Mesh | None = None) -> Workdir:
     """Score the facts of `cfg` into the workdir's scores of `cfg.scoring.split`, resuming a run that
-    stopped; returns that directory. `model`, `tokenizer` and `mesh` default to the ones `cfg` describes.
+    stopped (a finished one is left as it is); returns that directory. Scores of another model, data
+    or scorer are refused. `model`, `tokenizer` and `mesh` default to the ones `cfg` describes.
     """
     from tqdm import tqdm
 
@@ -140,10 +158,12 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike | Workdir, mo
     ids = list(facts["id"])
     manifest = _manifest(cfg, ids)
     if out.exists(MANIFEST):
-        found = out.read_json(MANIFEST)
-        if found != manifest:
-            raise UserError(f"{out.root} holds scores of another run ({found}); expected {manifest}: "
-                            "use another workdir, or move that directory away")
+        differ = differences(out.read_json(MANIFEST), manifest)
+        if differ:
+            raise UserError(f"{out.root} holds scores of another run ({differ}): use another workdir, or move "
+                            "that directory away")
+        if out.exists(DONE):
+            return out
     else:
         out.write_json(MANIFEST, manifest)
     size = cfg.scoring.shard_size

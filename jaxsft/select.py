@@ -34,6 +34,7 @@ from datasets.table import InMemoryTable
 from jaxsft import score
 from jaxsft.data.relations import ID_RELATIONS
 from jaxsft.errors import UserError
+from jaxsft.models import sources
 from jaxsft.workdir import Workdir, barrier
 
 LEVELS = ("0", "1", "2", "3", "4")
@@ -142,8 +143,15 @@ def build_training_set(cfg: ml_collections.ConfigDict, workdir: str | os.PathLik
     s = cfg.select
     workdir = Workdir(workdir)
     scored = score.output_dir(workdir, cfg.scoring.split)
+    scored_by = scored.read_json(score.MANIFEST).get("model") if scored.exists(score.MANIFEST) else None
+    if scored_by is not None:  # the levels are the scoring model's: they train that model only
+        differ = score.differences(dict(model=scored_by), dict(model=sources.fingerprint(cfg.model.path)))
+        if differ:
+            raise UserError(f"the facts in {scored.root} were scored with another model than model.path "
+                            f"{cfg.model.path!r} ({differ}): score them with this model in another workdir")
     train_set = select(load_scored(workdir, cfg.scoring.split), s.level, s.size, s.seed, split=cfg.scoring.split)
     info = manifest(train_set, s.level, s.size, s.seed, [f.name for f in scored.glob("shard-*.parquet")])
+    info["scored_by"] = scored_by
     out = workdir.train_set(set_name(s.level, s.size, s.seed))
     if out.exists(MANIFEST):
         saved = out.read_json(MANIFEST)

@@ -107,7 +107,7 @@ def test_card_names_base_training_set_and_hyperparameters_then_accuracies(tmp_pa
     metrics = dict(accuracy={"id": {"0": 0.5, "1": None, "2": 0.25, "3": 1.0, "4": 0.0},
                              "ood": {"0": 0.125, "1": None, "2": None, "3": None, "4": None}},
                    macro={"id": 0.4375, "ood": 0.125}, items=11, split="test")
-    export.finish(cfg, model_dir, tmp_path / "manifest.json", metrics)
+    export.finish(cfg, model_dir, json.loads((tmp_path / "manifest.json").read_text()), metrics)
     card = (model_dir / "README.md").read_text()
     assert "| ID | 50.0 | – | 25.0 | 100.0 | 0.0 | 43.8 |" in card and "| OOD | 12.5 | – | – | – | – | 12.5 |" in card
     assert "(11 items)" in card and info["ids_sha256"] in card

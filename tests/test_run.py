@@ -68,7 +68,7 @@ def test_run_writes_the_report_and_resumes_without_redoing_stages(tiny_config, t
     def must_not_run(*args, **kwargs):
         raise AssertionError("a finished stage ran again")
 
-    monkeypatch.setattr(score, "run", must_not_run)
+    monkeypatch.setattr(score, "score_facts", must_not_run)
     monkeypatch.setattr(training, "train", must_not_run)
     assert run.run(tiny_config, tmp_path).read_text().count("| mixed | 8 | 8 |") == 1
     assert cell.exists("eval", "metrics.json")

@@ -34,7 +34,7 @@ from jax.experimental import multihost_utils
 
 from jaxsft import export, hardware, models, runtime, workdir as workdir_lib
 from jaxsft.errors import UserError
-from jaxsft.models import sharding
+from jaxsft.models import sharding, sources
 from jaxsft.training import data, optim
 from jaxsft.training.checkpoint import Checkpoints
 from jaxsft.training.step import TrainState, abstract, compile_train_step, shardings
@@ -124,10 +124,10 @@ class _Metrics:
 
 
 def _check_position(saved: dict[str, Any], expected: dict[str, Any], where: object) -> None:
-    keys = ("batch_size", "seed", "num_items", "data_sha256")
+    keys = ("batch_size", "seed", "num_items", "data_sha256", "model_sha256")
     diff = {k: (saved.get(k), expected[k]) for k in keys if saved.get(k) != expected[k]}
     if diff:
-        raise UserError(f"the checkpoint in {where} was trained on other data or order "
+        raise UserError(f"the checkpoint in {where} was trained on another model, data or order "
                          f"(checkpoint vs now: {diff}); use another workdir")
 
 
@@ -159,6 +159,12 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | workdir_lib.Workdir, tr
     examples = data.encode(train_set, tokenizer, cfg)
     if not len(examples):
         raise UserError("the training set is empty")
+    base = sources.fingerprint(cfg.model.path)
+
+    def position(step: int) -> dict[str, Any]:  # where the run stands, and from which model
+        return dict(data.position(examples, step, t.batch_size, t.seed),
+                    model_sha256=f"{base['files_sha256']}:{base['weights_sha256']}")
+
     graphdef, params = nnx.split(model)
     del model
     total = t.epochs * data.steps_per_epoch(len(examples), t.batch_size)
@@ -175,7 +181,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | workdir_lib.Workdir, tr
         state = jax.jit(init, out_shardings=state_sharding, donate_argnums=0)(params)
     else:
         state, saved = restored
-        _check_position(saved, data.position(examples, 0, t.batch_size, t.seed), ckpts.directory)
+        _check_position(saved, position(0), ckpts.directory)
         logging.info("resuming from step %d of %d (%s)", int(state.step), total, ckpts.directory)
     del params
     step_fn = compile_train_step(graphdef, tx, schedule, t.grad_accum, state_shape, mesh,
@@ -206,7 +212,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | workdir_lib.Workdir, tr
                 if preempted or done == end or (t.checkpoint_every and done % t.checkpoint_every == 0):
                     metrics_log.record(*pending)  # never checkpoint a state not checked finite
                     pending = None
-                    ckpts.save(done, state, data.position(examples, done, t.batch_size, t.seed))
+                    ckpts.save(done, state, position(done))
                     metrics_log.restart_clock()  # the next step's time excludes the save
                 if preempted:
                     logging.warning("SIGTERM: saved a checkpoint at step %d of %d, stopping", done, total)
