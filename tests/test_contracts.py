@@ -34,7 +34,7 @@ def _call(capsys, stage, *args) -> tuple[int, str]:
 def finished(tmp_path_factory):
     """A finished tiny experiment, its config file, and a second model of the same shape."""
     root = tmp_path_factory.mktemp("contracts")
-    config = tiny_experiment(root, checkpoint_every=1, keep_checkpoints=2)
+    config = tiny_experiment(root, batch_size=8, epochs=3, checkpoint_every=1, keep_checkpoints=2)
     assert run.main(["run", f"--config={config}", f"--workdir={root / 'exp'}"]) == 0
     hf_models.build("llama2", root / "other", seed=1)
     hf_models.char_tokenizer().save_pretrained(root / "other")
@@ -106,8 +106,8 @@ def test_a_checkpoint_of_another_model_is_not_resumed(exp, capsys):
     workdir, config, other = exp
     cell = workdir / "sft" / "levelmixed-size8-seed0"
     shutil.rmtree(cell / "model")
-    for f in ("train_summary.json",):
-        (cell / f).unlink()
+    shutil.rmtree(workdir / "train_sets")
+    (cell / "train_summary.json").unlink()
     (workdir / "memorization" / "manifest.json").write_text(json.dumps(
         {k: v for k, v in json.loads((workdir / "memorization" / "manifest.json").read_text()).items()
          if k != "model"}))  # scores of unrecorded provenance: only the checkpoint can tell
@@ -120,7 +120,7 @@ def test_an_evaluation_of_other_settings_is_kept(exp, capsys):
     workdir, config, _ = exp
     metrics = workdir / "sft" / "levelmixed-size8-seed0" / "eval" / "metrics.json"
     before = metrics.read_bytes()
-    assert _call(capsys, evaluate, f"--config={config}", f"--workdir={workdir}", *CELL)[0] == 0  # same: rewritten
+    assert _call(capsys, evaluate, f"--config={config}", f"--workdir={workdir}", *CELL) == (0, "")  # same: rewritten
     assert json.loads(metrics.read_text())["accuracy"] == json.loads(before)["accuracy"]
     status, line = _call(capsys, evaluate, f"--config={config}", f"--workdir={workdir}", *CELL,
                          "--config.eval.max_new_tokens=3")

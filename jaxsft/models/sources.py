@@ -263,13 +263,13 @@ _SAMPLE = 1 << 20  # bytes hashed at each end of a weight file
 
 def fingerprint(path: str | os.PathLike[str] | ModelFiles) -> dict[str, str]:
     """What a model is, cheaply and the same wherever it lies: its path, a hash of its config and
-    tokenizer files, and a hash of its weight files' names, sizes and first and last MiB (which hold
+    tokenizer files (every small file but the model card), and a hash of its weight files' names, sizes and first and last MiB (which hold
     the safetensors or GGUF headers and some of every file's data)."""
     files = path if isinstance(path, ModelFiles) else locate(path)
     small = hashlib.sha256()
     if not files.gguf:
         for f in sorted(files.local.iterdir()):
-            if f.is_file():
+            if f.is_file() and f.suffix != ".md":  # a model card changes after evaluation; the model does not
                 small.update(f.name.encode() + b"\0" + f.read_bytes() + b"\0")
     root = epath.Path(files.weights) if _remote(files.weights) else Path(files.weights)
     weights = [root] if files.gguf else sorted((f for f in root.iterdir() if f.name.endswith(".safetensors")),
