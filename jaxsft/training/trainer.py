@@ -3,6 +3,8 @@
 `<workdir>/` of a run holds `checkpoints/`, `tensorboard/`, `model/` (the export) and
 `train_summary.json`. Started again on the same workdir, a run continues from its latest
 checkpoint and ends bit-identical to one never stopped. SIGTERM saves a checkpoint and returns.
+With `train.lora.rank > 0` only qwix adapters train and are checkpointed; `model/` is the base with
+them merged in, `adapter/` the adapters in PEFT's format (see `training.lora`).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from flax import nnx
 
 from jaxsft import hardware, models, runtime
 from jaxsft.models import sharding
-from jaxsft.training import data, optim
+from jaxsft.training import data, lora, optim
 from jaxsft.training.checkpoint import Checkpoints
 from jaxsft.training.step import TrainState, abstract, compile_train_step, shardings
 
@@ -149,7 +151,9 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, train_set:
     if examples.input_ids.max() >= model.cfg.vocab_size:
         raise ValueError(f"token id {examples.input_ids.max()} is outside the model's vocabulary "
                          f"({model.cfg.vocab_size}): tokenizer and model do not match")
-    graphdef, params = nnx.split(model)
+    if lora.enabled(t):  # train adapters only (qwix); the base model is frozen
+        model = lora.apply(model, t.lora, seed=t.seed, mesh=mesh)
+    graphdef, params, frozen = lora.split(model)
     del model
     total = t.epochs * data.steps_per_epoch(len(examples), t.batch_size)
     tx, schedule = optim.optimizer(t, total)
@@ -169,15 +173,16 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, train_set:
         logging.info("resuming from step %d of %d (%s)", int(state.step), total, ckpts.directory)
     del params
     step_fn = compile_train_step(graphdef, tx, schedule, t.grad_accum, state_shape, mesh,
-                                 (t.batch_size, t.max_length))
+                                 (t.batch_size, t.max_length), frozen)
 
     start = int(state.step)
     end = total if max_steps is None else min(total, start + max_steps)
     n_params = sum(x.size for x in jax.tree.leaves(state_shape.params))
+    n_model = n_params + sum(x.size for x in jax.tree.leaves(frozen))  # the FLOPs scale with the whole model
     peak = peak_flops(mesh.devices.flat[0]) * mesh.size
     logging.info("training %d params on %d items: steps %d-%d of %d, mesh %s, MFU against %.3g FLOP/s",
                  n_params, len(examples), start, end, total, dict(mesh.shape), peak)
-    metrics_log = _Metrics(workdir / "tensorboard", start, total, t.batch_size * t.max_length, n_params, peak,
+    metrics_log = _Metrics(workdir / "tensorboard", start, total, t.batch_size * t.max_length, n_model, peak,
                            t.log_every)
     batch_sharding = sharding.batch_sharding(mesh)
     pending = None
@@ -187,7 +192,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, train_set:
             for step in range(start, end):
                 batch = {k: jax.make_array_from_callback(v.shape, batch_sharding, v.__getitem__)
                          for k, v in data.batch(examples, step, t.batch_size, t.seed).items()}
-                state, metrics = step_fn(state, batch)
+                state, metrics = step_fn(state, batch, frozen)
                 if pending:  # read the previous step's metrics while this one runs
                     metrics_log.record(*pending)
                 pending = (step, metrics)
@@ -206,10 +211,14 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, train_set:
         metrics_log.close()
         ckpts.close()
 
-    model = nnx.merge(graphdef, state.params)
+    model = adapted = nnx.merge(graphdef, state.params, *frozen)
+    if lora.enabled(t):
+        model = lora.merge(adapted, t.lora)  # the plain decoder the adapters make
     done = int(state.step)
     if done == total:
         models.save_pretrained(model, workdir / "model")
+        if lora.enabled(t):
+            lora.save_adapter(adapted, t.lora, workdir / "adapter", base_model=cfg.model.path)
         history = metrics_log.history
         runtime.atomic_write_json(workdir / "train_summary.json", dict(
             steps=total, items=len(examples), params=n_params, encoding=str(examples.report),
