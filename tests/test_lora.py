@@ -140,6 +140,13 @@ def reference(model_dir, tmp_path_factory):
     return train(lora_run_config(model_dir), workdir, qa_set(), mesh=one_device()), workdir
 
 
+def checkpointed(step_dir: pathlib.Path) -> dict[str, tuple[int, ...]]:
+    """Every array of the saved train state: name -> shape."""
+    tree = ocp.StandardCheckpointer().metadata(step_dir / "state").item_metadata
+    return {".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path).removesuffix(".value"): tuple(leaf.shape)
+            for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
 def adapter_of(workdir: pathlib.Path) -> dict[str, np.ndarray]:
     return safetensors.numpy.load_file(workdir / "adapter" / lora.ADAPTER_WEIGHTS)
 
@@ -150,10 +157,10 @@ def test_only_the_adapters_train_and_are_checkpointed(model_dir, reference):
     assert result.step == 6 and losses[-1] < 0.8 * losses[0], losses
     assert result.history[1]["learning_rate"] == pytest.approx(1e-2)  # train.lora.learning_rate
     # the checkpoint holds the adapters and their moments, nothing of the base
-    saved = ocp.CheckpointManager(workdir / "checkpoints").item_metadata(6)["state"]
-    names = {".".join(str(getattr(k, "key", k)) for k in path)
-             for path, _ in jax.tree_util.tree_flatten_with_path(saved["params"])[0]}
-    assert names == {f"layers.{t}.kernel_lora_{ab}" for t in ("q_proj", "v_proj", "down_proj") for ab in "ab"}
+    saved = checkpointed(workdir / "checkpoints" / "6")
+    adapters = {f"layers.{t}.kernel_lora_{ab}" for t in ("q_proj", "v_proj", "down_proj") for ab in "ab"}
+    assert {k.removeprefix("params.") for k in saved if k.startswith("params.")} == adapters
+    assert sum(np.prod(s) for s in saved.values()) < 4 * sum(np.prod(saved[f"params.{a}"]) for a in adapters)
     # the exported model is the base plus alpha / rank * A B on the targeted kernels, exactly the base elsewhere
     base, exported = params_of(models.from_pretrained(model_dir)), params_of(models.from_pretrained(workdir / "model"))
     adapter = adapter_of(workdir)
@@ -190,14 +197,14 @@ def test_qlora_trains_sharded_adapters_over_an_nf4_base(model_dir, tmp_path):
     cfg = lora_run_config(model_dir, quantize_base=True, targets=("q_proj", "k_proj", "v_proj", "o_proj",
                                                                   "gate_proj", "up_proj", "down_proj"))
     cfg.train.epochs = 1
-    result = train(cfg, tmp_path, qa_set(), mesh=sharding.make_mesh(1, 2, 2))
+    result = train(cfg, tmp_path, qa_set(), mesh=sharding.make_mesh(1, 2, 2, devices=jax.devices()[:4]))
     losses = [h["loss"] for h in result.history]
     assert result.step == 3 and losses[-1] < losses[0], losses
     # the export is the NF4 base plus the adapters: close to, not equal to, the float32 base
     base, exported = params_of(models.from_pretrained(model_dir)), params_of(result.model)
     np.testing.assert_array_equal(exported["embed"], base["embed"])
     error = np.abs(exported["layers.q_proj.kernel"] - base["layers.q_proj.kernel"]).max()
-    assert 0 < error < 0.1 * np.abs(base["layers.q_proj.kernel"]).max()
+    assert 0 < error < 0.3 * np.abs(base["layers.q_proj.kernel"]).max()
     assert (tmp_path / "adapter" / lora.ADAPTER_CONFIG).exists()
 
 
@@ -205,19 +212,19 @@ def test_demo_config_turns_lora_on_with_one_flag(model_dir, tmp_path):
     from absl import flags
     from ml_collections import config_flags
 
+    argv = ["train", "--config=configs/demo.py", "--config.train.lora.rank=8"]
     flag_values = flags.FlagValues()
-    config_flags.DEFINE_config_file("config", None, "", flag_values=flag_values, lock_config=True)
-    flag_values(["test", "--config=configs/demo.py", "--config.train.lora.rank=8"])
+    config_flags.DEFINE_config_file("config", None, "", flag_values=flag_values, lock_config=True, sys_argv=argv)
+    flag_values(argv)
     cfg = flag_values.config
     config_lib.validate(cfg)
     assert cfg.train.lora.rank == 8 and lora.enabled(cfg.train)
     cfg.model.path = str(model_dir)  # the tiny model instead of SmolLM2: the demo's train settings otherwise
     result = train(cfg, tmp_path, qa_set(), mesh=one_device(), max_steps=2)
     assert result.step == 2 and all(np.isfinite(h["loss"]) for h in result.history)
-    saved = ocp.CheckpointManager(tmp_path / "checkpoints").item_metadata(2)["state"]
-    assert all("kernel_lora_" in str(path[-1]) for path, _ in jax.tree_util.tree_flatten_with_path(saved["params"])[0])
+    assert all("kernel_lora_" in k for k in checkpointed(tmp_path / "checkpoints" / "2") if k.startswith("params."))
     with pytest.raises(ValueError, match="config.train.lora.targets"):
-        cfg.unlock().train.lora.targets = ("q_proj", "lm_head")
+        cfg.train.lora.targets = ("q_proj", "lm_head")
         config_lib.validate(cfg)
 
 

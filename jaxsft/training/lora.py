@@ -71,9 +71,23 @@ def _layer_slice(v: nnx.Variable, i: int) -> nnx.Variable:
     return v.copy(v[...][i], out_sharding=axes[1:] if axes else axes)
 
 
-def _stacked(*vs: nnx.Variable) -> nnx.Variable:
-    axes = _axes(vs[0])
-    return vs[0].copy(jnp.stack([v[...] for v in vs]), out_sharding=("layers", *axes) if axes else axes)
+def _storable(x: jax.Array) -> jax.Array:
+    """NF4 codes as uint8 on the CPU, whose arrays cannot take the packed 4-bit layout that an
+    ahead-of-time compiled step expects of its arguments (qwix reads the codes either way)."""
+    return x.astype(jnp.uint8) if x.dtype == jnp.uint4 and jax.default_backend() == "cpu" else x
+
+
+def _stacked(layers: list[dict[tuple, nnx.Variable]], mesh: jax.sharding.Mesh | None) -> dict[tuple, nnx.Variable]:
+    """Per-layer variables stacked on a leading `layers` axis, placed by their logical axes on `mesh`
+    (by one jit: its outputs have the layouts a compiled step expects, packed uint4 included)."""
+    first = layers[0]
+    axes = {p: ("layers", *(_axes(v) or (None,) * v.ndim)) for p, v in first.items()}
+    out_shardings = None if mesh is None else {
+        p: jax.sharding.NamedSharding(mesh, sharding.logical_to_spec(axes[p], (len(layers), *v.shape), mesh))
+        for p, v in first.items()}
+    values = jax.jit(lambda vs: {p: _storable(jnp.stack(v)) for p, v in vs.items()}, out_shardings=out_shardings)(
+        {p: [layer[p][...] for layer in layers] for p in first})
+    return {p: v.copy(values[p], out_sharding=axes[p]) for p, v in first.items()}
 
 
 def apply(model: Decoder, c: ml_collections.ConfigDict, *, seed: int = 0,
@@ -107,10 +121,7 @@ def apply(model: Decoder, c: ml_collections.ConfigDict, *, seed: int = 0,
         flat = dict(nnx.to_flat_state(state))
         kept = [p for p in flat if p in before]  # QLoRA replaces targeted kernels: those are not kept
         created.append({p: v for p, v in flat.items() if p not in before})
-    new = {p: _stacked(*(layer[p] for layer in created)) for p in created[0]}
-    if mesh is not None:
-        for v in new.values():
-            v.value = jax.device_put(v[...], sharding.variable_sharding(v, mesh))
+    new = _stacked(created, mesh)
     out = nnx.clone(model)
     out.layers = nnx.merge(adapted_graphdef, nnx.from_flat_state({**{p: before[p] for p in kept}, **new}))
     return out

@@ -174,6 +174,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, train_set:
     del params
     step_fn = compile_train_step(graphdef, tx, schedule, t.grad_accum, state_shape, mesh,
                                  (t.batch_size, t.max_length), frozen)
+    frozen = jax.device_put(frozen, step_fn.input_formats[0][2])  # the layouts compiled for (packed NF4 on CPU)
 
     start = int(state.step)
     end = total if max_steps is None else min(total, start + max_steps)
