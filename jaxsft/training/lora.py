@@ -27,7 +27,6 @@ import os
 import pathlib
 import shutil
 import tempfile
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -38,7 +37,7 @@ from flax import nnx
 
 from jaxsft.models import sharding
 from jaxsft.models.decoder import PROJECTIONS, Decoder
-from jaxsft.models.loading import TABLES, _hf_name
+from jaxsft.models.loading import TABLES
 from jaxsft.models.rope import rotary_embedding
 
 BASE_QTYPE = "nf4"  # QLoRA's 4-bit NormalFloat
@@ -71,10 +70,10 @@ def _layer_slice(v: nnx.Variable, i: int) -> nnx.Variable:
     return v.copy(v[...][i], out_sharding=axes[1:] if axes else axes)
 
 
-def _storable(x: jax.Array) -> jax.Array:
+def _storable(x: jax.Array, platform: str) -> jax.Array:
     """NF4 codes as uint8 on the CPU, whose arrays cannot take the packed 4-bit layout that an
     ahead-of-time compiled step expects of its arguments (qwix reads the codes either way)."""
-    return x.astype(jnp.uint8) if x.dtype == jnp.uint4 and jax.default_backend() == "cpu" else x
+    return x.astype(jnp.uint8) if x.dtype == jnp.uint4 and platform == "cpu" else x
 
 
 def _stacked(layers: list[dict[tuple, nnx.Variable]], mesh: jax.sharding.Mesh | None) -> dict[tuple, nnx.Variable]:
@@ -85,7 +84,9 @@ def _stacked(layers: list[dict[tuple, nnx.Variable]], mesh: jax.sharding.Mesh | 
     out_shardings = None if mesh is None else {
         p: jax.sharding.NamedSharding(mesh, sharding.logical_to_spec(axes[p], (len(layers), *v.shape), mesh))
         for p, v in first.items()}
-    values = jax.jit(lambda vs: {p: _storable(jnp.stack(v)) for p, v in vs.items()}, out_shardings=out_shardings)(
+    platform = jax.default_backend() if mesh is None else mesh.devices.flat[0].platform
+    values = jax.jit(lambda vs: {p: _storable(jnp.stack(v), platform) for p, v in vs.items()},
+                     out_shardings=out_shardings)(
         {p: [layer[p][...] for layer in layers] for p in first})
     return {p: v.copy(values[p], out_sharding=axes[p]) for p, v in first.items()}
 
@@ -239,9 +240,3 @@ def save_adapter(model: Decoder, c: ml_collections.ConfigDict, out_dir: str | os
         shutil.rmtree(out_dir)
     os.replace(tmp, out_dir)
     return out_dir
-
-
-def summary(model: Decoder) -> dict[str, Any]:
-    """Adapter and base parameter counts, for logs."""
-    adapters = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.LoRAParam)))
-    return dict(adapter_params=int(adapters), adapted=sorted(_adapted(model)))
