@@ -71,9 +71,10 @@ def _layer_slice(v: nnx.Variable, i: int) -> nnx.Variable:
 
 
 def _storable(x: jax.Array, platform: str) -> jax.Array:
-    """NF4 codes as uint8 on the CPU, whose arrays cannot take the packed 4-bit layout that an
-    ahead-of-time compiled step expects of its arguments (qwix reads the codes either way)."""
-    return x.astype(jnp.uint8) if x.dtype == jnp.uint4 and platform == "cpu" else x
+    """NF4 codes packed (uint4) on TPU only. CPU arrays cannot take the packed 4-bit layout that an
+    ahead-of-time compiled step expects of its arguments, and GPUs are unchecked: there the codes are
+    held as uint8 (qwix reads them either way)."""
+    return x.astype(jnp.uint8) if x.dtype == jnp.uint4 and platform != "tpu" else x
 
 
 def _stacked(layers: list[dict[tuple, nnx.Variable]], mesh: jax.sharding.Mesh | None) -> dict[tuple, nnx.Variable]:
