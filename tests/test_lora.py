@@ -99,9 +99,9 @@ def test_peft_adapter_gives_the_same_logits_in_torch(hf_dirs, tmp_path, family, 
     import transformers
 
     directory, _ = hf_dirs(family)
-    adapted = lora.apply(models.from_pretrained(directory), lora_config(targets=targets), seed=2)
-    randomize_adapters(adapted, seed=3)
     c = lora_config(targets=targets)
+    adapted = lora.apply(models.from_pretrained(directory), c, seed=2)
+    randomize_adapters(adapted, seed=3)
     out = lora.save_adapter(adapted, c, tmp_path / "adapter", base_model=str(directory))
     config = json.loads((out / lora.ADAPTER_CONFIG).read_text())
     if family == "phi3-longrope":
@@ -143,8 +143,8 @@ def reference(model_dir, tmp_path_factory):
 def checkpointed(step_dir: pathlib.Path) -> dict[str, tuple[int, ...]]:
     """Every array of the saved train state: name -> shape."""
     tree = ocp.StandardCheckpointer().metadata(step_dir / "state").item_metadata
-    return {".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path).removesuffix(".value"): tuple(leaf.shape)
-            for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    name = lambda path: ".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path).removesuffix(".value")
+    return {name(path): tuple(leaf.shape) for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 def adapter_of(workdir: pathlib.Path) -> dict[str, np.ndarray]:
