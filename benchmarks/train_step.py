@@ -56,7 +56,7 @@ def jax_step(path: str, dtype: str, batch: dict[str, np.ndarray]) -> Callable[[]
     device_batch = {k: jax.device_put(v, sharding.batch_sharding(mesh)) for k, v in batch.items()}
 
     def step() -> float:
-        state[0], metrics = step_fn(state[0], device_batch)
+        state[0], metrics = step_fn(state[0], device_batch, ())
         return float(metrics["loss"])  # waits for the step
 
     return step

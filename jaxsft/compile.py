@@ -7,6 +7,7 @@ architecture alone (`nnx.eval_shape`: no weights, no download), and each step is
 `jax.ShapeDtypeStruct`s carrying the `NamedSharding`s a run would use:
 
 - train: the trainer's own compiled step (`training.step.compile_train_step`), AdamW state included;
+  with `train.lora.rank > 0` the state holds the qwix adapters only and the base is a frozen input;
 - score: the likelihood scorer's batch (`scoring.likelihood`): prompts [scoring.batch_size, longest
   bucket] prefilled, their continuations teacher-forced on the KV cache, only scored positions unembedded;
 - decode: one token for every generated row against a KV cache of the longest prompt + new tokens.
@@ -152,10 +153,14 @@ def _check_batch(name: str, rows: int, mesh: Mesh) -> None:
 
 def train_program(cfg: ml_collections.ConfigDict, graphdef: nnx.GraphDef, params: nnx.State, mesh: Mesh
                   ) -> Program:
-    """The trainer's step, compiled exactly as a run compiles it."""
-    from jaxsft.training import optim, step
+    """The trainer's step, compiled exactly as a run compiles it (adapters and a frozen base with LoRA)."""
+    from jaxsft.training import lora, optim, step
 
     t = cfg.train
+    frozen = ()
+    if lora.enabled(t):
+        adapted = nnx.eval_shape(lambda p: lora.apply(nnx.merge(graphdef, p), t.lora, seed=t.seed, mesh=mesh), params)
+        graphdef, params, frozen = lora.split(adapted)
     if t.batch_size % t.grad_accum:
         raise ValueError(f"train.batch_size={t.batch_size} does not split into grad_accum={t.grad_accum} microbatches")
     _check_batch("train.batch_size // train.grad_accum", t.batch_size // t.grad_accum, mesh)
@@ -166,8 +171,8 @@ def train_program(cfg: ml_collections.ConfigDict, graphdef: nnx.GraphDef, params
     batch = {k: jax.ShapeDtypeStruct(shape, jnp.int32) for k in step.BATCH_KEYS}
     fn = functools.partial(step.train_step, graphdef=graphdef, tx=tx, schedule=schedule, accum=t.grad_accum)
     return Program("train", f"batch {shape[0]} x {shape[1]}, accum {t.grad_accum}",
-                   lambda: step.compile_train_step(graphdef, tx, schedule, t.grad_accum, state, mesh, shape),
-                   fn, (state, batch))
+                   lambda: step.compile_train_step(graphdef, tx, schedule, t.grad_accum, state, mesh, shape, frozen),
+                   fn, (state, batch, frozen))
 
 
 def score_program(cfg: ml_collections.ConfigDict, graphdef: nnx.GraphDef, params: nnx.State, mesh: Mesh
@@ -254,13 +259,21 @@ def _size(n: float) -> str:
     return f"{n / hardware.GiB:.2f}G" if abs(n) >= hardware.GiB / 10 else f"{n / (1 << 20):.1f}M"
 
 
+def _lora_note(cfg: ml_collections.ConfigDict) -> str:
+    c = cfg.train.lora
+    if c.rank <= 0:
+        return ""
+    return (f"; train: LoRA rank {c.rank}, alpha {c.alpha:g} on {', '.join(c.targets)}"
+            + (", NF4 base" if c.quantize_base else ""))
+
+
 def report(cfg: ml_collections.ConfigDict, target: hardware.Slice, mesh: Mesh, costs: Sequence[StepCost]) -> str:
     chip = target.chip
     arch = model_config(cfg)
     lines = [
         f"{cfg.model.path} on {target.accelerator_type} ({target.topology_name}, {len(mesh.devices.flat)} devices)"
         f" mesh {dict(mesh.shape)}; params {cfg.model.param_dtype}, compute {cfg.model.dtype}, "
-        f"scan_layers={arch.scan_layers}, remat={arch.remat}",
+        f"scan_layers={arch.scan_layers}, remat={arch.remat}" + _lora_note(cfg),
         f"per chip (HBM {_size(chip.hbm_bytes)}):",
         f"{'step':<7} {'arguments':>9} {'outputs':>8} {'aliased':>8} {'temps':>7} {'code':>6} {'total':>7} "
         f"{'fits':>4} {'TFLOP/chip':>10} {'ms@peak':>8} {'compile s':>9}  shapes",
@@ -316,6 +329,7 @@ def run(invocation) -> int:
     if args["json"]:
         Workdir(os.path.dirname(os.path.abspath(args["json"]))).write_json(os.path.basename(args["json"]), dict(
             model=cfg.model.path, slice=target.accelerator_type, topology=target.topology_name,
+            lora=cfg.train.lora.to_dict() if cfg.train.lora.rank > 0 else None,
             hbm_bytes=target.chip.hbm_bytes, mesh=dict(mesh.shape), fits=not problems,
             steps=[dict(dataclasses.asdict(c), total=c.total, fits=c.fits(target.chip.hbm_bytes)) for c in costs]))
     if problems:

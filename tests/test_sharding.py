@@ -15,10 +15,10 @@ from jaxsft.models import sharding
 # The big matrices and how each is split: (param, {dim: mesh axes}).
 SHARDED = {
     "embed": {0: "tensor", 1: "fsdp"},  # [vocab, embed]
-    "layers.wq": {1: "fsdp", 2: "tensor"},  # [layers, embed, heads]
-    "layers.wo": {1: "tensor", 2: "fsdp"},  # [layers, heads, embed]
-    "layers.w_up": {1: "fsdp", 2: "tensor"},  # [layers, embed, mlp]
-    "layers.w_down": {1: "tensor", 2: "fsdp"},  # [layers, mlp, embed]
+    "layers.q_proj.kernel": {1: "fsdp", 2: "tensor"},  # [layers, embed, heads]
+    "layers.o_proj.kernel": {1: "tensor", 2: "fsdp"},  # [layers, heads, embed]
+    "layers.up_proj.kernel": {1: "fsdp", 2: "tensor"},  # [layers, embed, mlp]
+    "layers.down_proj.kernel": {1: "tensor", 2: "fsdp"},  # [layers, mlp, embed]
 }
 
 

@@ -186,10 +186,9 @@ def test_weight_decay_skips_norms_and_biases():
     abstract = nnx.eval_shape(lambda: models.Decoder(cfg, rngs=nnx.Rngs(0)))
     mask = {".".join(map(str, p)): v for p, v in nnx.to_flat_state(optim.decay_mask(nnx.state(abstract, nnx.Param)))}
     decayed = {k for k, v in mask.items() if v}
-    assert decayed == {"embed", "lm_head", "layers.wq", "layers.wk", "layers.wv", "layers.wo", "layers.w_up",
-                       "layers.w_down"}
+    assert decayed == {"embed", "lm_head", *(f"layers.{n}_proj.kernel" for n in ("q", "k", "v", "o", "up", "down"))}
     kept = mask.keys() - decayed
-    assert {"layers.bq", "layers.b_up", "lm_head_bias", "final_norm.bias", "layers.attn_norm.scale"} <= kept
+    assert {"layers.q_proj.bias", "layers.up_proj.bias", "lm_head_bias", "final_norm.bias", "layers.attn_norm.scale"} <= kept
 
 
 def test_batches_visit_every_item_once_per_epoch():
@@ -212,7 +211,7 @@ def test_batches_visit_every_item_once_per_epoch():
 def test_sharded_training_matches_one_device(model_dir, reference, tmp_path):
     """data=2 x fsdp=2 x tensor=2 on 8 fake devices, with 2 microbatches, against one device."""
     result = train(make_config(model_dir, grad_accum=2), tmp_path, qa_set(), mesh=sharding.make_mesh(2, 2, 2))
-    assert len(result.model.layers.wq[...].sharding.device_set) == 8
+    assert len(result.model.layers.q_proj.kernel[...].sharding.device_set) == 8
     assert_params_equal(result.model, reference[0].model, atol=1e-5)
 
 

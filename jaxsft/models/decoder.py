@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxsft.config import PROJECTIONS  # Block's projections, Llama's HF names whatever the family
 from jaxsft.models.config import ModelConfig
 from jaxsft.models.rope import RotaryEmbedding, rotary_embedding
 
@@ -68,64 +69,77 @@ class Norm(nnx.Module):
         return (h * self.scale[...] + self.bias[...]).astype(x.dtype)
 
 
+class Dense(nnx.Module):
+    """One projection `x @ kernel (+ bias)`, stacked over layers like every Block param. Its own module
+    so that adapters (`jaxsft.training.lora`, qwix) can target it by name; `jax.lax.dot_general` is
+    called directly, where qwix intercepts it."""
+
+    def __init__(self, rngs: nnx.Rngs, lead: tuple[int, ...], shape: tuple[int, int], names: tuple[str, str],
+                 param_dtype: Any, bias: bool):
+        layers = ("layers",) * len(lead)
+        self.kernel = _param(rngs, lead + shape, layers + names, param_dtype)
+        self.bias = _param(rngs, lead + shape[1:], layers + names[1:], param_dtype, "zeros") if bias else None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = jax.lax.dot_general(x, jnp.asarray(self.kernel, x.dtype), (((x.ndim - 1,), (0,)), ((), ())))
+        y = y.astype(x.dtype)  # an adapter's float32 delta leaves the compute dtype unchanged
+        return y if self.bias is None else y + self.bias[...].astype(x.dtype)
+
+
 class Block(nnx.Module):
-    """Parameters of all layers, stacked: every array has a leading [num_layers] axis."""
+    """Parameters of all layers, stacked: every array has a leading [num_layers] axis. Called on one
+    layer's slice of them (see `Decoder.hidden_states`), it is that decoder layer.
+
+    Projections are named as in Llama's HF checkpoints (q_proj ... down_proj) for every family;
+    `loading.TABLES` maps each family's HF names onto them.
+    """
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, param_dtype: Any):
         L, E, F = (cfg.num_layers,), cfg.hidden_size, cfg.intermediate_size
         q_dim, kv_dim = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-        p = lambda shape, names, init="normal": _param(rngs, L + shape, ("layers",) + names, param_dtype, init)
-        maybe = lambda flag, shape, names: p(shape, names, "zeros") if flag else None
+        dense = lambda shape, names, bias: Dense(rngs, L, shape, names, param_dtype, bias)
+        self.cfg = cfg
         self.attn_norm = Norm(cfg, E, L, rngs, param_dtype)
         self.mlp_norm = None if cfg.parallel_block else Norm(cfg, E, L, rngs, param_dtype)
-        self.wq, self.bq = p((E, q_dim), ("embed", "heads")), maybe(cfg.qkv_bias, (q_dim,), ("heads",))
-        self.wk, self.bk = p((E, kv_dim), ("embed", "heads")), maybe(cfg.qkv_bias, (kv_dim,), ("heads",))
-        self.wv, self.bv = p((E, kv_dim), ("embed", "heads")), maybe(cfg.qkv_bias, (kv_dim,), ("heads",))
-        self.wo, self.bo = p((q_dim, E), ("heads", "embed")), maybe(cfg.o_bias, (E,), ("embed",))
+        self.q_proj = dense((E, q_dim), ("embed", "heads"), cfg.qkv_bias)
+        self.k_proj = dense((E, kv_dim), ("embed", "heads"), cfg.qkv_bias)
+        self.v_proj = dense((E, kv_dim), ("embed", "heads"), cfg.qkv_bias)
+        self.o_proj = dense((q_dim, E), ("heads", "embed"), cfg.o_bias)
         qk_cfg = cfg.replace(norm="rms")
         self.q_norm = Norm(qk_cfg, cfg.head_dim, L, rngs, param_dtype) if cfg.qk_norm else None
         self.k_norm = Norm(qk_cfg, cfg.head_dim, L, rngs, param_dtype) if cfg.qk_norm else None
-        self.w_gate = p((E, F), ("embed", "mlp")) if cfg.gated_mlp else None
-        self.b_gate = maybe(cfg.gated_mlp and cfg.mlp_bias, (F,), ("mlp",))
-        self.w_up, self.b_up = p((E, F), ("embed", "mlp")), maybe(cfg.mlp_bias, (F,), ("mlp",))
-        self.w_down, self.b_down = p((F, E), ("mlp", "embed")), maybe(cfg.mlp_bias, (E,), ("embed",))
+        self.gate_proj = dense((E, F), ("embed", "mlp"), cfg.mlp_bias) if cfg.gated_mlp else None
+        self.up_proj = dense((E, F), ("embed", "mlp"), cfg.mlp_bias)
+        self.down_proj = dense((F, E), ("mlp", "embed"), cfg.mlp_bias)
 
+    def __call__(self, rope: RotaryEmbedding, x: jax.Array, cos_sin: tuple, mask: jax.Array,
+                 kv: tuple[jax.Array, jax.Array] | None, i: jax.Array | int, start: jax.Array | int):
+        """Decoder layer `i` on x [B, T, E]; `self` holds its (unstacked) params, `kv` every layer's cache."""
+        cfg = self.cfg
+        B, T, _ = x.shape
+        h = self.attn_norm(x)
+        q = self.q_proj(h).reshape(B, T, cfg.num_heads, cfg.head_dim)
+        k = self.k_proj(h).reshape(B, T, cfg.num_kv_heads, cfg.head_dim)
+        v = self.v_proj(h).reshape(B, T, cfg.num_kv_heads, cfg.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = rope.apply(q, *cos_sin), rope.apply(k, *cos_sin)
+        if kv is not None:  # write only the new keys/values into layer i's slots, attend over all slots
+            kv = tuple(jax.lax.dynamic_update_slice(c, n[None].astype(c.dtype), (i, 0, start, 0, 0))
+                       for c, n in zip(kv, (k, v)))
+            k, v = (jax.lax.dynamic_index_in_dim(c, i, keepdims=False) for c in kv)
+        attn = jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask=mask)
+        out = self.o_proj(attn.reshape(B, T, -1))
+        if cfg.parallel_block:
+            return x + out + self.mlp(h), kv
+        x = x + out
+        return x + self.mlp(self.mlp_norm(x)), kv
 
-def _dense(x: jax.Array, w: nnx.Param, b: nnx.Param | None) -> jax.Array:
-    y = x @ w[...].astype(x.dtype)
-    return y if b is None else y + b[...].astype(x.dtype)
-
-
-def _layer(cfg: ModelConfig, rope: RotaryEmbedding, layer: Block, x: jax.Array, cos_sin: tuple,
-           mask: jax.Array, kv: tuple[jax.Array, jax.Array] | None, i: jax.Array | int, start: jax.Array | int):
-    """Decoder layer `i` on x [B, T, E]; `layer` holds its (unstacked) params, `kv` every layer's cache."""
-    B, T, _ = x.shape
-    h = layer.attn_norm(x)
-    q = _dense(h, layer.wq, layer.bq).reshape(B, T, cfg.num_heads, cfg.head_dim)
-    k = _dense(h, layer.wk, layer.bk).reshape(B, T, cfg.num_kv_heads, cfg.head_dim)
-    v = _dense(h, layer.wv, layer.bv).reshape(B, T, cfg.num_kv_heads, cfg.head_dim)
-    if layer.q_norm is not None:
-        q, k = layer.q_norm(q), layer.k_norm(k)
-    q, k = rope.apply(q, *cos_sin), rope.apply(k, *cos_sin)
-    if kv is not None:  # write only the new keys/values into layer i's slots, attend over all slots
-        kv = tuple(jax.lax.dynamic_update_slice(c, n[None].astype(c.dtype), (i, 0, start, 0, 0))
-                   for c, n in zip(kv, (k, v)))
-        k, v = (jax.lax.dynamic_index_in_dim(c, i, keepdims=False) for c in kv)
-    attn = jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask=mask)
-    out = _dense(attn.reshape(B, T, -1), layer.wo, layer.bo)
-    if cfg.parallel_block:
-        return x + out + _mlp(cfg, layer, h), kv
-    x = x + out
-    return x + _mlp(cfg, layer, layer.mlp_norm(x)), kv
-
-
-def _mlp(cfg: ModelConfig, layer: Block, h: jax.Array) -> jax.Array:
-    act = _ACTIVATIONS[cfg.activation]
-    if cfg.gated_mlp:
-        h = act(_dense(h, layer.w_gate, layer.b_gate)) * _dense(h, layer.w_up, layer.b_up)
-    else:
-        h = act(_dense(h, layer.w_up, layer.b_up))
-    return _dense(h, layer.w_down, layer.b_down)
+    def mlp(self, h: jax.Array) -> jax.Array:
+        act = _ACTIVATIONS[self.cfg.activation]
+        if self.cfg.gated_mlp:
+            return self.down_proj(act(self.gate_proj(h)) * self.up_proj(h))
+        return self.down_proj(act(self.up_proj(h)))
 
 
 class Decoder(nnx.Module):
@@ -183,7 +197,7 @@ class Decoder(nnx.Module):
         def body(carry, scanned):
             x, kv = carry
             params, i = scanned
-            return _layer(cfg, rope, nnx.merge(graphdef, params), x, cos_sin, attn_mask, kv, i, start), None
+            return nnx.merge(graphdef, params)(rope, x, cos_sin, attn_mask, kv, i, start), None
 
         if cfg.remat != "none":
             body = jax.checkpoint(body, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)

@@ -41,8 +41,8 @@ def _r(hf: str, *ours: str, linear: bool = False) -> Rule:
 
 
 _L = "model.layers.{i}."
-_ATTN = [_r(_L + f"self_attn.{n}_proj.weight", f"layers.w{n}", linear=True) for n in "qkvo"] + [
-    _r(_L + f"self_attn.{n}_proj.bias", f"layers.b{n}") for n in "qkvo"]
+_ATTN = [_r(_L + f"self_attn.{n}_proj.{p}", f"layers.{n}_proj.{'kernel' if p == 'weight' else p}", linear=p == "weight")
+         for n in "qkvo" for p in ("weight", "bias")]
 _NORMS = [
     _r("model.embed_tokens.weight", "embed"),
     _r(_L + "input_layernorm.weight", "layers.attn_norm.scale"),
@@ -50,10 +50,8 @@ _NORMS = [
     _r("model.norm.weight", "final_norm.scale"),
     _r("lm_head.weight", "lm_head", linear=True),
 ]
-_GATED = [
-    r for n, t in (("gate", "gate"), ("up", "up"), ("down", "down"))
-    for r in (_r(_L + f"mlp.{n}_proj.weight", f"layers.w_{t}", linear=True), _r(_L + f"mlp.{n}_proj.bias", f"layers.b_{t}"))
-]
+_GATED = [_r(_L + f"mlp.{n}_proj.{p}", f"layers.{n}_proj.{'kernel' if p == 'weight' else p}", linear=p == "weight")
+          for n in ("gate", "up", "down") for p in ("weight", "bias")]
 TABLES: dict[str, list[Rule]] = {
     "llama": _NORMS + _ATTN + _GATED,
     "qwen2": _NORMS + _ATTN + _GATED,
@@ -65,24 +63,25 @@ TABLES: dict[str, list[Rule]] = {
         _r("model.embed_tokens.weight", "embed"),
         _r(_L + "input_layernorm.weight", "layers.attn_norm.scale"),
         _r(_L + "input_layernorm.bias", "layers.attn_norm.bias"),
-        *[_r(_L + f"self_attn.{n}_proj.{p}", f"layers.{p[0]}{n}", linear=p == "weight")
-          for n in "qkv" for p in ("weight", "bias")],
-        _r(_L + "self_attn.dense.weight", "layers.wo", linear=True),
-        _r(_L + "self_attn.dense.bias", "layers.bo"),
-        _r(_L + "mlp.fc1.weight", "layers.w_up", linear=True),
-        _r(_L + "mlp.fc1.bias", "layers.b_up"),
-        _r(_L + "mlp.fc2.weight", "layers.w_down", linear=True),
-        _r(_L + "mlp.fc2.bias", "layers.b_down"),
+        *[_r(_L + f"self_attn.{n}_proj.weight", f"layers.{n}_proj.kernel", linear=True) for n in "qkv"],
+        *[_r(_L + f"self_attn.{n}_proj.bias", f"layers.{n}_proj.bias") for n in "qkv"],
+        _r(_L + "self_attn.dense.weight", "layers.o_proj.kernel", linear=True),
+        _r(_L + "self_attn.dense.bias", "layers.o_proj.bias"),
+        _r(_L + "mlp.fc1.weight", "layers.up_proj.kernel", linear=True),
+        _r(_L + "mlp.fc1.bias", "layers.up_proj.bias"),
+        _r(_L + "mlp.fc2.weight", "layers.down_proj.kernel", linear=True),
+        _r(_L + "mlp.fc2.bias", "layers.down_proj.bias"),
         _r("model.final_layernorm.weight", "final_norm.scale"),
         _r("model.final_layernorm.bias", "final_norm.bias"),
         _r("lm_head.weight", "lm_head", linear=True),
         _r("lm_head.bias", "lm_head_bias"),
     ],
     "phi3": _NORMS + [
-        _r(_L + "self_attn.qkv_proj.weight", "layers.wq", "layers.wk", "layers.wv", linear=True),
-        _r(_L + "self_attn.o_proj.weight", "layers.wo", linear=True),
-        _r(_L + "mlp.gate_up_proj.weight", "layers.w_gate", "layers.w_up", linear=True),
-        _r(_L + "mlp.down_proj.weight", "layers.w_down", linear=True),
+        _r(_L + "self_attn.qkv_proj.weight", "layers.q_proj.kernel", "layers.k_proj.kernel", "layers.v_proj.kernel",
+           linear=True),
+        _r(_L + "self_attn.o_proj.weight", "layers.o_proj.kernel", linear=True),
+        _r(_L + "mlp.gate_up_proj.weight", "layers.gate_proj.kernel", "layers.up_proj.kernel", linear=True),
+        _r(_L + "mlp.down_proj.weight", "layers.down_proj.kernel", linear=True),
     ],
 }
 # Buffers some checkpoints carry that are derived, not learned.

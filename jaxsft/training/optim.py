@@ -19,14 +19,20 @@ def decay_mask(params: nnx.State) -> nnx.State:
     return jax.tree.map(decays, params, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
+def peak_learning_rate(t: ml_collections.ConfigDict) -> float:
+    """`t.learning_rate`, or `t.lora.learning_rate` when adapters are trained (LoRA wants a larger one)."""
+    return t.lora.learning_rate if t.get("lora") is not None and t.lora.rank > 0 else t.learning_rate
+
+
 def learning_rate(t: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
-    """Linear warmup from 0 to `t.learning_rate`, then cosine decay to 0 (or constant)."""
+    """Linear warmup from 0 to the peak learning rate, then cosine decay to 0 (or constant)."""
+    peak = peak_learning_rate(t)
     if t.schedule == "cosine":
-        return optax.warmup_cosine_decay_schedule(0.0, t.learning_rate, t.warmup_steps,
+        return optax.warmup_cosine_decay_schedule(0.0, peak, t.warmup_steps,
                                                   max(total_steps, t.warmup_steps + 1), end_value=0.0)
     if t.schedule == "constant":
-        return optax.join_schedules([optax.linear_schedule(0.0, t.learning_rate, t.warmup_steps),
-                                     optax.constant_schedule(t.learning_rate)], [t.warmup_steps])
+        return optax.join_schedules([optax.linear_schedule(0.0, peak, t.warmup_steps),
+                                     optax.constant_schedule(peak)], [t.warmup_steps])
     raise ValueError(f"unknown schedule {t.schedule!r}; choose cosine or constant")
 
 

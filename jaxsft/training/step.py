@@ -32,23 +32,25 @@ class TrainState:
     rng: jax.Array  # uint32 [2]: the run's key data, for stochastic layers (fold in the step)
 
 
-def loss_sum(params: nnx.State, graphdef: nnx.GraphDef, batch: Batch) -> jax.Array:
+def loss_sum(params: nnx.State, graphdef: nnx.GraphDef, batch: Batch, frozen: tuple[nnx.State, ...] = ()
+             ) -> jax.Array:
     """Summed cross-entropy of the target tokens: token t+1 is predicted at t and counts where
-    `loss_mask[t + 1]` is set; logits in float32 whatever the compute dtype."""
-    model = nnx.merge(graphdef, params)
+    `loss_mask[t + 1]` is set; logits in float32 whatever the compute dtype. `frozen`: the states
+    that are not trained (the base model under LoRA), merged with `params`."""
+    model = nnx.merge(graphdef, params, *frozen)
     logits = model(batch["input_ids"], batch["attention_mask"])[:, :-1].astype(jnp.float32)
     nll = optax.softmax_cross_entropy_with_integer_labels(logits, batch["input_ids"][:, 1:])
     return jnp.sum(jnp.where(batch["loss_mask"][:, 1:] > 0, nll, 0.0))
 
 
-def loss_and_grads(params: nnx.State, graphdef: nnx.GraphDef, batch: Batch, accum: int = 1
-                   ) -> tuple[jax.Array, nnx.State]:
+def loss_and_grads(params: nnx.State, graphdef: nnx.GraphDef, batch: Batch, accum: int = 1,
+                   frozen: tuple[nnx.State, ...] = ()) -> tuple[jax.Array, nnx.State]:
     """Mean target-token loss over the whole batch and its gradient, summed over `accum` microbatches.
 
     Microbatch k takes rows k, k + accum, ...: a reshape that keeps each device's rows on it.
     """
     tokens = jnp.maximum(jnp.sum(batch["loss_mask"][:, 1:]), 1).astype(jnp.float32)
-    grad_fn = jax.value_and_grad(lambda p, b: loss_sum(p, graphdef, b) / tokens)
+    grad_fn = jax.value_and_grad(lambda p, b: loss_sum(p, graphdef, b, frozen) / tokens)
     if accum == 1:
         return grad_fn(params, batch)
     micro = jax.tree.map(lambda x: x.reshape(-1, accum, *x.shape[1:]).swapaxes(0, 1), batch)
@@ -58,9 +60,10 @@ def loss_and_grads(params: nnx.State, graphdef: nnx.GraphDef, batch: Batch, accu
     return loss, grads
 
 
-def train_step(state: TrainState, batch: Batch, *, graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
-               schedule: optax.Schedule, accum: int) -> tuple[TrainState, dict[str, jax.Array]]:
-    loss, grads = loss_and_grads(state.params, graphdef, batch, accum)
+def train_step(state: TrainState, batch: Batch, frozen: tuple[nnx.State, ...] = (), *, graphdef: nnx.GraphDef,
+               tx: optax.GradientTransformation, schedule: optax.Schedule, accum: int
+               ) -> tuple[TrainState, dict[str, jax.Array]]:
+    loss, grads = loss_and_grads(state.params, graphdef, batch, accum, frozen)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = dict(loss=loss, grad_norm=optax.global_norm(grads), param_norm=optax.global_norm(params),
@@ -84,13 +87,15 @@ def abstract(tree, tree_shardings):
 
 
 def compile_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, schedule: optax.Schedule,
-                       accum: int, state: TrainState, mesh: Mesh, batch_shape: tuple[int, int]
-                       ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
-    """`train_step` compiled for `batch_shape`, state sharded by its logical axes and donated."""
-    state_sharding = shardings(state, mesh)
+                       accum: int, state: TrainState, mesh: Mesh, batch_shape: tuple[int, int],
+                       frozen: tuple[nnx.State, ...] = ()
+                       ) -> Callable[[TrainState, Batch, tuple], tuple[TrainState, dict[str, jax.Array]]]:
+    """`train_step(state, batch, frozen)` compiled for `batch_shape`, state sharded by its logical
+    axes and donated; `frozen` (shapes suffice) sharded the same way, read only."""
+    state_sharding, frozen_sharding = shardings(state, mesh), shardings(frozen, mesh)
     batch_sharding = sharding.batch_sharding(mesh)
     step = jax.jit(functools.partial(train_step, graphdef=graphdef, tx=tx, schedule=schedule, accum=accum),
-                   in_shardings=(state_sharding, batch_sharding),
+                   in_shardings=(state_sharding, batch_sharding, frozen_sharding),
                    out_shardings=(state_sharding, NamedSharding(mesh, PartitionSpec())), donate_argnums=0)
     batch = {k: jax.ShapeDtypeStruct(batch_shape, jnp.int32, sharding=batch_sharding) for k in BATCH_KEYS}
-    return step.lower(abstract(state, state_sharding), batch).compile()
+    return step.lower(abstract(state, state_sharding), batch, abstract(frozen, frozen_sharding)).compile()

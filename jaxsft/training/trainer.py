@@ -8,6 +8,9 @@ SIGTERM (a Spot preemption notice) saves a checkpoint and returns. In a multi-pr
 hosts agree on the step through JAX's preemption sync point (the coordination service hears of a
 SIGTERM on any host and names one step, the same for all), so every process saves that step and
 returns, whichever of them got the signal.
+
+With `train.lora.rank > 0` only qwix adapters train and are checkpointed; `model/` is the base with
+them merged in, `adapter/` the adapters in PEFT's format (see `training.lora`).
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from jax.experimental import multihost_utils
 from jaxsft import export, hardware, models, runtime, workdir as workdir_lib
 from jaxsft.errors import UserError
 from jaxsft.models import sharding, sources
-from jaxsft.training import data, optim
+from jaxsft.training import data, lora, optim
 from jaxsft.training.checkpoint import Checkpoints
 from jaxsft.training.step import TrainState, abstract, compile_train_step, shardings
 
@@ -165,7 +168,9 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | workdir_lib.Workdir, tr
         return dict(data.position(examples, step, t.batch_size, t.seed),
                     model_sha256=f"{base['files_sha256']}:{base['weights_sha256']}")
 
-    graphdef, params = nnx.split(model)
+    if lora.enabled(t):  # train adapters only (qwix); the base model is frozen
+        model = lora.apply(model, t.lora, seed=t.seed, mesh=mesh)
+    graphdef, params, frozen = lora.split(model)
     del model
     total = t.epochs * data.steps_per_epoch(len(examples), t.batch_size)
     tx, schedule = optim.optimizer(t, total)
@@ -185,16 +190,18 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | workdir_lib.Workdir, tr
         logging.info("resuming from step %d of %d (%s)", int(state.step), total, ckpts.directory)
     del params
     step_fn = compile_train_step(graphdef, tx, schedule, t.grad_accum, state_shape, mesh,
-                                 (t.batch_size, t.max_length))
+                                 (t.batch_size, t.max_length), frozen)
+    frozen = jax.device_put(frozen, step_fn.input_formats[0][2])  # the layouts compiled for (packed NF4 on CPU)
 
     start = int(state.step)
     end = total if max_steps is None else min(total, start + max_steps)
     n_params = sum(x.size for x in jax.tree.leaves(state_shape.params))
+    n_model = n_params + sum(x.size for x in jax.tree.leaves(frozen))  # the FLOPs scale with the whole model
     peak = peak_flops(mesh.devices.flat[0]) * mesh.size
     logging.info("training %d params on %d items: steps %d-%d of %d, mesh %s, MFU against %.3g FLOP/s",
                  n_params, len(examples), start, end, total, dict(mesh.shape), peak)
-    metrics_log = _Metrics(str(workdir.path(workdir_lib.TENSORBOARD)), start, total, t.batch_size * t.max_length, n_params, peak,
-                           t.log_every)
+    metrics_log = _Metrics(str(workdir.path(workdir_lib.TENSORBOARD)), start, total, t.batch_size * t.max_length,
+                           n_model, peak, t.log_every)
     batch_sharding = sharding.batch_sharding(mesh)
     pending = None
     preempted = False
@@ -203,7 +210,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | workdir_lib.Workdir, tr
             for step in range(start, end):
                 batch = {k: jax.make_array_from_callback(v.shape, batch_sharding, v.__getitem__)
                          for k, v in data.batch(examples, step, t.batch_size, t.seed).items()}
-                state, metrics = step_fn(state, batch)
+                state, metrics = step_fn(state, batch, frozen)
                 if pending:  # read the previous step's metrics while this one runs
                     metrics_log.record(*pending)
                 pending = (step, metrics)
@@ -222,12 +229,17 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | workdir_lib.Workdir, tr
         metrics_log.close()
         ckpts.close()
 
-    model = nnx.merge(graphdef, state.params)
+    model = adapted = nnx.merge(graphdef, state.params, *frozen)
+    if lora.enabled(t):
+        model = lora.merge(adapted, t.lora)  # the plain decoder the adapters make
     done = int(state.step)
     if done == total:
         workdir.sub(workdir_lib.MODEL).publish(  # weights, tokenizer, generation config, card
             lambda local: export.save(cfg, model, local, train_set=train_set, tokenizer=tokenizer,
                                       name=workdir.root.name), "config.json")
+        if lora.enabled(t):
+            workdir.sub(workdir_lib.ADAPTER).publish(lambda local: lora.save_adapter(
+                adapted, t.lora, local, base_model=cfg.model.path), "adapter_config.json")
         history = metrics_log.history
         workdir.write_json("train_summary.json", dict(
             steps=total, items=len(examples), params=n_params, encoding=str(examples.report),
