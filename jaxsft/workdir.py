@@ -34,6 +34,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from etils import epath
 
+from jaxsft.errors import UserError
+
 MEMORIZATION = "memorization"
 TEST_SCORES = "test_scores"
 TRAIN_SETS = "train_sets"
@@ -119,10 +121,19 @@ class Workdir:
         return self.path(*parts).read_text()
 
     def read_json(self, *parts: str) -> Any:
-        return json.loads(self.read_text(*parts))
+        try:
+            return json.loads(self.read_text(*parts))
+        except ValueError as e:  # truncated or not UTF-8: a damaged file, not a bug
+            raise UserError(f"{self.path(*parts)} is damaged ({e}); move it away and run the stage again") from e
 
     def read_parquet(self, files: Sequence[epath.Path], columns: Sequence[str] | None = None) -> list[pa.Table]:
-        return [pq.read_table(pa.BufferReader(f.read_bytes()), columns=columns) for f in files]
+        tables = []
+        for f in files:
+            try:
+                tables.append(pq.read_table(pa.BufferReader(f.read_bytes()), columns=columns))
+            except pa.ArrowException as e:
+                raise UserError(f"{f} is damaged ({e}); move it away and run the stage again") from e
+        return tables
 
     # ------------------------------------------------------------------------------------ writes
 

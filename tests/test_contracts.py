@@ -153,3 +153,17 @@ def test_a_step_that_goes_bad_twice_is_set_aside_twice(exp, caplog):
         ckpts.close()
     aside = directory.parent / "checkpoints.unreadable"
     assert sorted(p.name for p in aside.iterdir()) == [str(latest), f"{latest}.1"]
+
+
+@pytest.mark.parametrize("damaged, stage, names", [
+    ("train_sets/levelmixed-size8-seed0/manifest.json", select, "train_sets/levelmixed-size8-seed0/manifest.json is damaged"),
+    ("memorization/manifest.json", score, "memorization/manifest.json is damaged"),
+    ("test_scores/memorization/shard-00000-of-00001.parquet", evaluate, "shard-00000-of-00001.parquet is damaged"),
+])
+def test_a_damaged_file_is_named(exp, capsys, damaged, stage, names):
+    workdir, config, _ = exp
+    path = workdir / damaged
+    path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])  # truncated by a crash of another tool
+    args = ["--config.data.relations=id"] if stage is score else list(CELL)
+    status, line = _call(capsys, stage, f"--config={config}", f"--workdir={workdir}", *args)
+    assert status == 2 and names in line and "move it away" in line

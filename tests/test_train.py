@@ -23,6 +23,7 @@ from flax import nnx
 import hf_models
 from conftest import write_scores
 from jaxsft import config as config_lib
+from jaxsft.errors import UserError
 from jaxsft import models, tokenization
 from jaxsft.data.relations import ID_RELATIONS
 from jaxsft.models import sharding
@@ -255,7 +256,7 @@ def test_unreadable_checkpoints_never_restart_silently(model_dir, tmp_path):
     cfg = make_config(model_dir, epochs=1, checkpoint_every=0)
     train(cfg, tmp_path, qa_set(), mesh=one_device(), max_steps=1)
     shutil.rmtree(tmp_path / "checkpoints" / "1" / "state")
-    with pytest.raises(RuntimeError, match="refusing to start from scratch"):
+    with pytest.raises(UserError, match="refusing to start from scratch"):
         train(cfg, tmp_path, qa_set(), mesh=one_device())
 
 
