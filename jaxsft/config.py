@@ -42,6 +42,7 @@ def default_config() -> ml_collections.ConfigDict:
         top_p=1.0,  # 1.0: off
         seed=0,
         shard_size=2048,  # facts per output shard
+        prune_epsilon=1e-4,  # likelihood: skip continuations that cannot move a p_j by more (0: off)
     ))
 
     c.select = ml_collections.ConfigDict(dict(level="0", size="60", seed=0))  # level 0-4 | mixed; size | all
@@ -63,6 +64,7 @@ def default_config() -> ml_collections.ConfigDict:
         keep_checkpoints=2,
         seed=0,
         log_every=1,
+        mu_dtype="",  # AdamW first moment: "" (the params' dtype) | bfloat16
     ))
 
     c.eval = ml_collections.ConfigDict(dict(
@@ -136,6 +138,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
     for field in ("scoring.top_k", "train.warmup_steps", "train.max_grad_norm", "train.weight_decay",
                   "train.checkpoint_every", "eval.limit_per_level"):
         positive(field, allow_zero=True)
+    positive("scoring.prune_epsilon", allow_zero=True)
     if not 0.0 < c.scoring.top_p <= 1.0:
         _fail("scoring.top_p", c.scoring.top_p, "a number in (0, 1]")
     for field in ("scoring.buckets", "eval.buckets"):
@@ -143,6 +146,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
         if not value or not all(isinstance(b, int) and b > 0 for b in value):
             _fail(field, value, "a non-empty tuple of positive lengths")
     choice("train.schedule", ("cosine", "constant"))
+    choice("train.mu_dtype", ("", "float32", "bfloat16"))
     choice("train.truncation", ("left", "refuse", "skip"))
     if c.train.batch_size % c.train.grad_accum:
         _fail("train.grad_accum", c.train.grad_accum, f"a divisor of train.batch_size ({c.train.batch_size})")

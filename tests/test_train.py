@@ -193,6 +193,26 @@ def test_weight_decay_skips_norms_and_biases():
     assert {"layers.bq", "layers.b_up", "lm_head_bias", "final_norm.bias", "layers.attn_norm.scale"} <= kept
 
 
+def test_mu_dtype_stores_the_first_moment_in_bfloat16():
+    cfg = ModelConfig.from_hf(dict(hf_models._COMMON, model_type="llama", **hf_models.FAMILIES["llama2"][1]))
+    params = nnx.state(nnx.eval_shape(lambda: models.Decoder(cfg, rngs=nnx.Rngs(0))), nnx.Param)
+    t = config_lib.default_config().train
+
+    def moments(mu_dtype):
+        tx, _ = optim.optimizer(_with(t, mu_dtype=mu_dtype), 10)
+        adam = jax.eval_shape(tx.init, params)[1][0]
+        return {x.dtype for x in jax.tree.leaves(adam.mu)}, {x.dtype for x in jax.tree.leaves(adam.nu)}
+
+    assert moments("") == ({np.dtype(np.float32)}, {np.dtype(np.float32)})
+    assert moments("bfloat16") == ({jnp.dtype(jnp.bfloat16)}, {np.dtype(np.float32)})
+
+
+def _with(config, **fields):
+    config = config.copy_and_resolve_references()
+    config.update(fields)
+    return config
+
+
 def test_batches_visit_every_item_once_per_epoch():
     n, size = 20, 8
     ids = np.arange(1, n + 1, dtype=np.int32)[:, None] * np.ones((1, 4), np.int32)
