@@ -29,6 +29,7 @@ from jaxsft.data.relations import ID_RELATIONS
 from jaxsft.models import sharding
 from jaxsft.models.config import ModelConfig
 from jaxsft.training import data, optim, train
+from jaxsft.training import step as step_lib
 from jaxsft.training.step import loss_and_grads
 
 NAMES = ["Ann", "Bob", "Cid", "Dan", "Eve", "Fay", "Gus", "Hal", "Ivy", "Jon"]
@@ -158,6 +159,23 @@ def test_gradient_ignores_masked_positions(model_dir):
     np.testing.assert_allclose(loss2, loss, rtol=1e-6)
     for a, b_ in zip(jax.tree.leaves(grads), jax.tree.leaves(grads2)):
         np.testing.assert_allclose(a, b_, atol=1e-7, rtol=1e-5)
+
+
+def test_logits_at_target_positions_only_give_the_same_loss_and_grads(model_dir):
+    graphdef, params = nnx.split(models.from_pretrained(model_dir))
+    examples = data.encode(qa_set(6), tokenization.load_tokenizer(model_dir), make_config(model_dir))
+    batch = {k: jnp.asarray(v) for k, v in data.batch(examples, 0, 8, seed=0).items()}
+    k = step_lib.targets_per_row(examples.loss_mask)
+    assert k < examples.loss_mask.shape[1] - 1  # fewer positions unembedded than the whole row
+    grad = jax.jit(loss_and_grads, static_argnums=(1, 3, 4))
+    for accum in (1, 2):
+        loss, grads = grad(params, graphdef, batch, accum, None)
+        loss_k, grads_k = grad(params, graphdef, batch, accum, k)
+        np.testing.assert_allclose(loss_k, loss, rtol=1e-5)
+        for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_k)):
+            np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
+    most = int((examples.loss_mask[:, 1:] > 0).sum(-1).max())
+    assert int(step_lib.dropped_targets(batch, most)) == 0 and int(step_lib.dropped_targets(batch, most - 1)) > 0
 
 
 def test_remat_scan_and_bfloat16_options(model_dir):
