@@ -173,7 +173,7 @@ def main() -> None:
 
     probs = np.load(args.likelihood_npy) if args.likelihood_npy else None
     if "likelihood" in stages:
-        counter = CompileCounter("_continuation_logprobs")
+        counter = CompileCounter("_pass")  # prompt_pass and continuation_pass
         t0 = time.perf_counter()
         probs = likelihood.template_probabilities(model, tokenizer, facts, **lik)
         wall = time.perf_counter() - t0

@@ -28,7 +28,7 @@ from jaxsft import config as config_lib
 from jaxsft import models, runtime
 from jaxsft.models import sharding
 from jaxsft.training import optim
-from jaxsft.training.step import TrainState, compile_train_step, shardings
+from jaxsft.training.step import TrainState, compile_train_step, shardings, targets_per_row
 
 from common import write_json  # benchmarks/ is on sys.path when a script runs
 
@@ -52,7 +52,8 @@ def jax_step(path: str, dtype: str, batch: dict[str, np.ndarray]) -> Callable[[]
     init = lambda p: TrainState(jnp.zeros((), jnp.int32), p, tx.init(p), jax.random.key_data(jax.random.key(0)))
     state_shape = jax.eval_shape(init, params)
     state = [jax.jit(init, out_shardings=shardings(state_shape, mesh))(params)]
-    step_fn = compile_train_step(graphdef, tx, schedule, 1, state_shape, mesh, (BATCH, LENGTH))
+    step_fn = compile_train_step(graphdef, tx, schedule, 1, state_shape, mesh, (BATCH, LENGTH),
+                                 targets_per_row=targets_per_row(batch["loss_mask"]))
     device_batch = {k: jax.device_put(v, sharding.batch_sharding(mesh)) for k, v in batch.items()}
 
     def step() -> float:
