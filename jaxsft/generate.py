@@ -60,7 +60,7 @@ def _decode(model: Decoder, ids: jax.Array, mask: jax.Array, row_keys: jax.Array
             temperature: jax.Array, *, max_new_tokens: int, num_samples: int, greedy: bool, top_k: int,
             top_p: float) -> jax.Array:
     batch, length = ids.shape
-    cache = model.init_cache(batch, length + max_new_tokens)
+    cache = model.init_cache(batch, length + max_new_tokens - 1)  # the last token is never fed back
     hidden, cache = model.hidden_states(ids, mask, cache=cache)
     logits = model.unembed(hidden[:, -1]).astype(jnp.float32)
     if num_samples > 1:
@@ -69,21 +69,25 @@ def _decode(model: Decoder, ids: jax.Array, mask: jax.Array, row_keys: jax.Array
     keys = jax.vmap(lambda k, s: jax.random.fold_in(k, s))(
         jnp.repeat(row_keys, num_samples, axis=0), jnp.tile(jnp.arange(num_samples), batch))
 
-    def body(state):
+    def choose(state):  # token t of every row into `out`; stopped rows get -1
         t, cache, logits, done, out = state
         step_keys = jax.vmap(lambda k: jax.random.fold_in(k, t))(keys)
         token = jnp.where(done, 0, _choose(logits, step_keys, temperature, top_k, top_p, greedy))
-        out = out.at[:, t].set(jnp.where(done, -1, token))
-        done = done | stop[token]
-        hidden, cache = model.hidden_states(token[:, None], jnp.ones((rows, 1), jnp.int32), cache=cache)
-        return t + 1, cache, model.unembed(hidden[:, 0]).astype(jnp.float32), done, out
+        return token, out.at[:, t].set(jnp.where(done, -1, token)), done | stop[token]
+
+    def body(state):
+        token, out, done = choose(state)
+        hidden, cache = model.hidden_states(token[:, None], jnp.ones((rows, 1), jnp.int32), cache=state[1])
+        return state[0] + 1, cache, model.unembed(hidden[:, 0]).astype(jnp.float32), done, out
 
     def cond(state):
-        return (state[0] < max_new_tokens) & ~jnp.all(state[3])
+        return (state[0] < max_new_tokens - 1) & ~jnp.all(state[3])
 
     out = jnp.full((rows, max_new_tokens), -1, jnp.int32)
     state = (jnp.zeros((), jnp.int32), cache, logits, jnp.zeros((rows,), bool), out)
-    return jax.lax.while_loop(cond, body, state)[-1]
+    # the last token is chosen after the loop, with no forward pass after it (when every row has
+    # stopped before, it writes -1s only)
+    return choose(jax.lax.while_loop(cond, body, state))[1]
 
 
 def generate(model: Decoder, prompts: Sequence[Sequence[int]], *, stop_table: np.ndarray, max_new_tokens: int,
