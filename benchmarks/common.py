@@ -78,11 +78,13 @@ def alternate(a: Callable[[], Any], b: Callable[[], Any], pairs: int, warmup: in
             times.append(time.perf_counter() - start)
     after = load()
     ratios = [tb / ta for ta, tb in zip(seconds_a, seconds_b)]
-    void = max(before["per_core"], after["per_core"]) > MAX_LOAD_PER_CORE or pairs < 5
+    reasons = ([f"load per core {max(before['per_core'], after['per_core']):.2f} > {MAX_LOAD_PER_CORE}"]
+               if max(before["per_core"], after["per_core"]) > MAX_LOAD_PER_CORE else [])
+    reasons += ["fewer than 5 pairs"] if pairs < 5 else []
     return dict(pairs=pairs, seconds_a=seconds_a, seconds_b=seconds_b, median_a=statistics.median(seconds_a),
                 median_b=statistics.median(seconds_b), ratio_median=statistics.median(ratios),
                 ratio_min=min(ratios), ratio_max=max(ratios), load_before=before, load_after=after,
-                void=void, void_reason=("fewer than 5 pairs" if pairs < 5 else "machine busy") if void else "")
+                void=bool(reasons), void_reason="; ".join(reasons))
 
 
 def report(name: str, args: argparse.Namespace, result: dict[str, Any]) -> pathlib.Path:
