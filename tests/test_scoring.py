@@ -278,6 +278,23 @@ def test_sampling_near_zero_temperature_is_greedy(model_dir, tokenizer):
     assert a == b and len({t for rows in a for t in rows}) > 1
 
 
+def test_sampling_run_compiles_once_per_bucket(model_dir, tokenizer):
+    model = models.from_pretrained(model_dir)
+    facts = [FACTS[0], FACTS[2]]
+    options = dict(temperature=0.7, num_samples=2, max_new_tokens=3, batch_size=8, buckets=(8, 16))
+    bos, _ = tokenization.special_tokens(tokenizer)
+    head = [] if bos is None else [bos]
+    used = {batching.bucket_length(len(sampling.template_prompt(tokenizer, head, templates_lib.fill(t, f["subject"]))),
+                                   options["buckets"])
+            for f in facts for t in templates_lib.completion_templates()[f["relation"]]}
+    assert len(used) == 2  # 42 prompts in 6 batches over 2 buckets
+    jax.clear_caches()
+    with count_compilations("_decode") as compiled:
+        sampling.template_hit_rates(model, tokenizer, facts, **options)
+        sampling.template_hit_rates(model, tokenizer, facts[::-1], **dict(options, temperature=0.3, seed=1))
+    assert 0 < len(compiled) <= len(used)
+
+
 def _config(model_dir, **scoring):
     cfg = config_lib.default_config()
     cfg.model.path = str(model_dir)
