@@ -146,8 +146,8 @@ def hf_sampling_protocol(hf, tokenizer, facts, *, num_samples: int = 10, tempera
                    for t in templates[fact["relation"]]]
         ids, mask = batching.pad(prompts, max(map(len, prompts)), left=True, pad_id=pad)
         with torch.inference_mode():
-            out = hf.generate(torch.from_numpy(ids.astype(np.int64)), attention_mask=torch.from_numpy(mask.astype(np.int64)),
-                              do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
+            out = hf.generate(torch.from_numpy(ids.astype(np.int64)),
+                              attention_mask=torch.from_numpy(mask.astype(np.int64)), do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
                               num_return_sequences=num_samples, max_new_tokens=max_new_tokens,
                               eos_token_id=stop_ids, pad_token_id=pad)
         rows = out[:, ids.shape[1]:].tolist()

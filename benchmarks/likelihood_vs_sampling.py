@@ -2,7 +2,7 @@
 protocol run by transformers `generate` (B, as in `sampling_vs_generate.py`), seconds per fact on N
 in-domain facts, SmolLM2-135M float32.
 
-    python benchmarks/likelihood_vs_sampling.py [--facts 4] [--pairs 5] [--quick]
+    python benchmarks/likelihood_vs_sampling.py [--facts 6] [--pairs 5] [--quick]
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import common
 
 
 def main() -> None:
-    args = common.arguments(__doc__, facts=4).parse_args()
+    args = common.arguments(__doc__, facts=6).parse_args()
     if args.quick:
         args.facts, args.pairs = 1, 2
     from jaxsft import config as config_lib

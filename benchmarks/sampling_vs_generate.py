@@ -3,7 +3,10 @@ EOS / newline) on N in-domain facts: jaxsft's sampling scorer (A) against transf
 (B: per fact one batch of the 21 prompts, `num_return_sequences=10`, `do_sample`), SmolLM2-135M
 float32. Both draw their own random samples: the mean hit shares are recorded, not compared.
 
-    python benchmarks/sampling_vs_generate.py [--facts 4] [--pairs 5] [--quick]
+Ours runs whole facts per batch (3 facts = 63 prompts, near `scoring.batch_size` = 64), so that no
+batch is padded with filler prompts: use a multiple of 3 facts.
+
+    python benchmarks/sampling_vs_generate.py [--facts 6] [--pairs 5] [--quick]
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import common
 
 
 def main() -> None:
-    args = common.arguments(__doc__, facts=4).parse_args()
+    args = common.arguments(__doc__, facts=6).parse_args()
     if args.quick:
         args.facts, args.pairs = 1, 2
     from jaxsft import config as config_lib
@@ -32,12 +35,13 @@ def main() -> None:
     tokenizer = tokenization.load_tokenizer(path)
     facts = common.in_domain_facts(args.facts)
     hf = common.torch_model(path)
+    batch_size = 21 * max(1, min(cfg.batch_size // 21, len(facts)))  # whole facts: 21 templates each
     outputs = {}
 
     def ours():
         outputs["a"] = sampling.template_hit_rates(
             model, tokenizer, facts, temperature=cfg.temperature, num_samples=cfg.num_samples,
-            max_new_tokens=max_new, batch_size=cfg.batch_size, buckets=tuple(cfg.buckets), seed=cfg.seed)
+            max_new_tokens=max_new, batch_size=batch_size, buckets=tuple(cfg.buckets), seed=cfg.seed)
 
     def theirs():
         outputs["b"] = common.hf_sampling_protocol(hf, tokenizer, facts, num_samples=cfg.num_samples,
@@ -45,7 +49,8 @@ def main() -> None:
 
     timing = common.alternate(ours, theirs, args.pairs)
     common.report("sampling_vs_generate", args, dict(
-        facts=len(facts), num_samples=cfg.num_samples, max_new_tokens=max_new, temperature=cfg.temperature,
+        facts=len(facts), batch_size=batch_size, num_samples=cfg.num_samples, max_new_tokens=max_new,
+        temperature=cfg.temperature,
         timing=timing, seconds_per_fact=dict(a=timing["median_a"] / len(facts), b=timing["median_b"] / len(facts)),
         mean_hit_share=dict(a=float(np.mean(outputs["a"])), b=float(np.mean(outputs["b"])))))
 
