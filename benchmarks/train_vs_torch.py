@@ -35,7 +35,7 @@ def main() -> None:
         for dtype in args.dtypes.split(","):
             ours, theirs = jax_step(str(path), dtype, batch), torch_step(hf_dir, dtype, batch)
             losses = dict(a=ours(), b=theirs())
-            results[dtype] = dict(timing=common.alternate(ours, theirs, args.pairs), first_loss=losses)
+            results[dtype] = dict(common.alternate(ours, theirs, args.pairs), first_loss=losses)
     common.report("train_vs_torch", args, dict(batch=list(batch["input_ids"].shape), **results))
 
 
