@@ -51,10 +51,11 @@ def main() -> None:
     import torch
     import transformers
 
-    from jaxsft import batching, config, evaluate, generate, models, runtime, tokenization
+    from jaxsft import batching, config, evaluate, generate, models, tokenization
+    from jaxsft.models import sources
     from jaxsft.data import entity_questions
 
-    path = pathlib.Path(runtime.model_path(config.EMBEDDED_MODEL))
+    path = pathlib.Path(sources.locate(config.EMBEDDED_MODEL).weights)
     tokenizer = tokenization.load_tokenizer(path)
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     questions = entity_questions.load(splits="test", relations="P36", limit_per_relation=max(batch_sizes))["question"]

@@ -37,9 +37,10 @@ def vm_hwm() -> int:
 
 
 def gguf_path() -> pathlib.Path:
-    from jaxsft import config, runtime
+    from jaxsft import config
+    from jaxsft.models import sources
 
-    return pathlib.Path(runtime.model_path(config.EMBEDDED_MODEL))
+    return pathlib.Path(sources.locate(config.EMBEDDED_MODEL).weights)
 
 
 def child(kind: str) -> dict:

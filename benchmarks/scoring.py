@@ -32,6 +32,7 @@ import jax
 import numpy as np
 from scipy import stats
 
+from jaxsft.models import sources
 from jaxsft import config as config_lib
 from jaxsft import models, runtime, tokenization
 from jaxsft.data import answers as answers_lib
@@ -159,7 +160,7 @@ def main() -> None:
 
     cfg = config_lib.default_config().scoring
     buckets = tuple(int(b) for b in args.buckets.split(","))
-    path = runtime.model_path(config_lib.EMBEDDED_MODEL)
+    path = sources.locate(config_lib.EMBEDDED_MODEL).weights
     t0 = time.perf_counter()
     model = models.from_pretrained(path)
     tokenizer = tokenization.load_tokenizer(path)
@@ -173,7 +174,7 @@ def main() -> None:
 
     probs = np.load(args.likelihood_npy) if args.likelihood_npy else None
     if "likelihood" in stages:
-        counter = CompileCounter("_continuation_logprobs")
+        counter = CompileCounter("_pass")  # prompt_pass and continuation_pass
         t0 = time.perf_counter()
         probs = likelihood.template_probabilities(model, tokenizer, facts, **lik)
         wall = time.perf_counter() - t0

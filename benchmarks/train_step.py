@@ -24,11 +24,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxsft.models import sources
 from jaxsft import config as config_lib
 from jaxsft import models, runtime
 from jaxsft.models import sharding
 from jaxsft.training import optim
-from jaxsft.training.step import TrainState, compile_train_step, shardings
+from jaxsft.training.step import TrainState, compile_train_step, shardings, targets_per_row
 
 from common import write_json  # benchmarks/ is on sys.path when a script runs
 
@@ -52,7 +53,8 @@ def jax_step(path: str, dtype: str, batch: dict[str, np.ndarray]) -> Callable[[]
     init = lambda p: TrainState(jnp.zeros((), jnp.int32), p, tx.init(p), jax.random.key_data(jax.random.key(0)))
     state_shape = jax.eval_shape(init, params)
     state = [jax.jit(init, out_shardings=shardings(state_shape, mesh))(params)]
-    step_fn = compile_train_step(graphdef, tx, schedule, 1, state_shape, mesh, (BATCH, LENGTH))
+    step_fn = compile_train_step(graphdef, tx, schedule, 1, state_shape, mesh, (BATCH, LENGTH),
+                                 targets_per_row=targets_per_row(batch["loss_mask"]))
     device_batch = {k: jax.device_put(v, sharding.batch_sharding(mesh)) for k, v in batch.items()}
 
     def step() -> float:
@@ -109,7 +111,7 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/train_step.json")
     args = parser.parse_args()
 
-    path = runtime.model_path(args.model)
+    path = sources.locate(args.model).weights
     with tempfile.TemporaryDirectory() as tmp:
         hf_dir = models.save_pretrained(models.from_pretrained(path), pathlib.Path(tmp) / "hf")
         vocab = json.loads((hf_dir / "config.json").read_text())["vocab_size"]

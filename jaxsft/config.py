@@ -54,6 +54,7 @@ def default_config() -> ml_collections.ConfigDict:
         top_p=1.0,  # 1.0: off
         seed=0,
         shard_size=2048,  # facts per output shard
+        prune_epsilon=1e-4,  # likelihood: skip continuations that cannot move a p_j by more (0: off)
     ))
 
     c.select = ml_collections.ConfigDict(dict(level="0", size="60", seed=0))  # level 0-4 | mixed; size | all
@@ -75,6 +76,7 @@ def default_config() -> ml_collections.ConfigDict:
         keep_checkpoints=2,
         seed=0,
         log_every=1,
+        mu_dtype="",  # AdamW first moment: "" (the params' dtype) | bfloat16
     ))
     # LoRA / QLoRA (jaxsft.training.lora, qwix): rank 0 trains every weight. Targets are Block's
     # projections, Llama's HF names for every family (Phi-2: dense = o_proj, fc1 = up_proj, fc2 = down_proj).
@@ -224,12 +226,14 @@ SCHEMA: dict[str, Field] = {
     "scoring.top_p": number(0, 1, low_open=True),
     "scoring.seed": integer(0),
     "scoring.shard_size": integer(1),
+    "scoring.prune_epsilon": number(0),  # 0: score every continuation
     "select.level": LEVEL,
     "select.size": SIZE,
     "select.seed": integer(0),
     "train.learning_rate": number(0, low_open=True),
     "train.warmup_steps": integer(0),
     "train.schedule": choice("cosine", "constant"),
+    "train.mu_dtype": choice("", "float32", "bfloat16"),  # "": the params' dtype
     "train.batch_size": integer(1),
     "train.grad_accum": integer(1),
     "train.epochs": integer(1),

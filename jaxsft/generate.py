@@ -31,20 +31,22 @@ def stop_token_table(tokenizer, eos_ids: Sequence[int], stop_on_newline: bool = 
     return table
 
 
-def _choose(logits: jax.Array, keys: jax.Array, temperature: jax.Array, top_k: int, top_p: jax.Array,
+def _choose(logits: jax.Array, keys: jax.Array, temperature: jax.Array, top_k: int, top_p: float,
             greedy: bool) -> jax.Array:
+    """The next token of each row. `top_k`, `top_p` and `greedy` are static: with both filters off
+    (the protocol's setting) a step is one gumbel-max draw over logits / T, with no sort."""
     if greedy:
         return jnp.argmax(logits, -1).astype(jnp.int32)
     logits = logits.astype(jnp.float32) / temperature
-    if top_k:
-        kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
-        logits = jnp.where(logits < kth, -jnp.inf, logits)
-    order = jnp.argsort(-logits, axis=-1)
-    sorted_logits = jnp.take_along_axis(logits, order, -1)
-    # keep the smallest prefix whose mass reaches top_p (the first token always stays)
-    before = jnp.cumsum(jax.nn.softmax(sorted_logits, -1), -1) - jax.nn.softmax(sorted_logits, -1)
-    sorted_logits = jnp.where(before < top_p, sorted_logits, -jnp.inf)
-    logits = jnp.full_like(logits, -jnp.inf).at[jnp.arange(logits.shape[0])[:, None], order].set(sorted_logits)
+    if top_k or top_p < 1.0:
+        # the candidates in decreasing order: only the k best when top-k is on, else a full sort
+        best = jax.lax.top_k(logits, top_k)[0] if top_k else -jnp.sort(-logits, axis=-1)
+        keep = jnp.ones(best.shape, bool)
+        if top_p < 1.0:  # the smallest prefix whose mass reaches top_p (the first token always stays)
+            probs = jax.nn.softmax(best, -1)
+            keep = jnp.cumsum(probs, -1) - probs < top_p
+        cutoff = jnp.min(jnp.where(keep, best, jnp.inf), -1, keepdims=True)
+        logits = jnp.where(logits < cutoff, -jnp.inf, logits)
     return jax.vmap(jax.random.categorical)(keys, logits).astype(jnp.int32)
 
 
@@ -53,12 +55,12 @@ def _repeat_cache(cache: KVCache, n: int) -> KVCache:
                    jnp.repeat(cache.valid, n, axis=0), cache.index)
 
 
-@functools.partial(nnx.jit, static_argnames=("max_new_tokens", "num_samples", "greedy", "top_k"))
+@functools.partial(nnx.jit, static_argnames=("max_new_tokens", "num_samples", "greedy", "top_k", "top_p"))
 def _decode(model: Decoder, ids: jax.Array, mask: jax.Array, row_keys: jax.Array, stop: jax.Array,
-            temperature: jax.Array, top_p: jax.Array, *, max_new_tokens: int, num_samples: int, greedy: bool,
-            top_k: int) -> jax.Array:
+            temperature: jax.Array, *, max_new_tokens: int, num_samples: int, greedy: bool, top_k: int,
+            top_p: float) -> jax.Array:
     batch, length = ids.shape
-    cache = model.init_cache(batch, length + max_new_tokens)
+    cache = model.init_cache(batch, length + max_new_tokens - 1)  # the last token is never fed back
     hidden, cache = model.hidden_states(ids, mask, cache=cache)
     logits = model.unembed(hidden[:, -1]).astype(jnp.float32)
     if num_samples > 1:
@@ -67,21 +69,25 @@ def _decode(model: Decoder, ids: jax.Array, mask: jax.Array, row_keys: jax.Array
     keys = jax.vmap(lambda k, s: jax.random.fold_in(k, s))(
         jnp.repeat(row_keys, num_samples, axis=0), jnp.tile(jnp.arange(num_samples), batch))
 
-    def body(state):
+    def choose(state):  # token t of every row into `out`; stopped rows get -1
         t, cache, logits, done, out = state
         step_keys = jax.vmap(lambda k: jax.random.fold_in(k, t))(keys)
         token = jnp.where(done, 0, _choose(logits, step_keys, temperature, top_k, top_p, greedy))
-        out = out.at[:, t].set(jnp.where(done, -1, token))
-        done = done | stop[token]
-        hidden, cache = model.hidden_states(token[:, None], jnp.ones((rows, 1), jnp.int32), cache=cache)
-        return t + 1, cache, model.unembed(hidden[:, 0]).astype(jnp.float32), done, out
+        return token, out.at[:, t].set(jnp.where(done, -1, token)), done | stop[token]
+
+    def body(state):
+        token, out, done = choose(state)
+        hidden, cache = model.hidden_states(token[:, None], jnp.ones((rows, 1), jnp.int32), cache=state[1])
+        return state[0] + 1, cache, model.unembed(hidden[:, 0]).astype(jnp.float32), done, out
 
     def cond(state):
-        return (state[0] < max_new_tokens) & ~jnp.all(state[3])
+        return (state[0] < max_new_tokens - 1) & ~jnp.all(state[3])
 
     out = jnp.full((rows, max_new_tokens), -1, jnp.int32)
     state = (jnp.zeros((), jnp.int32), cache, logits, jnp.zeros((rows,), bool), out)
-    return jax.lax.while_loop(cond, body, state)[-1]
+    # the last token is chosen after the loop, with no forward pass after it (when every row has
+    # stopped before, it writes -1s only)
+    return choose(jax.lax.while_loop(cond, body, state))[1]
 
 
 def generate(model: Decoder, prompts: Sequence[Sequence[int]], *, stop_table: np.ndarray, max_new_tokens: int,
@@ -92,6 +98,8 @@ def generate(model: Decoder, prompts: Sequence[Sequence[int]], *, stop_table: np
     stop token. `temperature == 0` is greedy. `row_ids` (default: the prompt index) seed each prompt's
     samples, so a prompt draws the same samples whatever its batch."""
     greedy = temperature == 0.0
+    if greedy:  # the filters do not apply: one compilation whatever they are
+        top_k, top_p = 0, 1.0
     row_ids = list(range(len(prompts))) if row_ids is None else list(row_ids)
     base = jax.random.key(seed)
     stop = jnp.asarray(np.pad(stop_table, (0, max(0, model.cfg.vocab_size - len(stop_table)))))
@@ -102,9 +110,8 @@ def generate(model: Decoder, prompts: Sequence[Sequence[int]], *, stop_table: np
         keys = jax.vmap(lambda r: jax.random.fold_in(base, r))(
             jnp.asarray([row_ids[i] for i in idx] + [0] * (batch_size - len(idx))))
         out = sharding.host_array(_decode(model, jnp.asarray(ids), jnp.asarray(mask), keys, stop,
-                                 jnp.float32(max(temperature, 1e-6)), jnp.float32(top_p),
-                                 max_new_tokens=max_new_tokens, num_samples=num_samples, greedy=greedy,
-                                 top_k=top_k))
+                                 jnp.float32(max(temperature, 1e-6)), max_new_tokens=max_new_tokens,
+                                 num_samples=num_samples, greedy=greedy, top_k=top_k, top_p=float(top_p)))
         for r, i in enumerate(idx):
             for s in range(num_samples):
                 row = out[r * num_samples + s]

@@ -18,7 +18,7 @@ import pytest
 from flax import nnx
 
 from jaxsft import config as config_lib
-from jaxsft import generate, models, score, tokenization
+from jaxsft import batching, generate, models, score, tokenization
 from jaxsft.data import templates as templates_lib
 from jaxsft.models.sharding import make_mesh
 from jaxsft.scoring import levels, likelihood, sampling, score_facts
@@ -139,16 +139,73 @@ def count_compilations(name: str):
 
 
 def test_compiles_once_per_bucket(model, mesh, pairs):
+    """A whole run, twice (another temperature and order, pruning on): the prompt pass compiles once
+    per prompt bucket, the continuation pass once per (prompt bucket, continuation bucket) at most."""
     options = dict(batch_size=8, buckets=(14, 32), continuation_buckets=(3, 16))
-    plan = likelihood.plan_batches(pairs, options["batch_size"], 2 * options["batch_size"], options["buckets"],
-                                   options["continuation_buckets"])
-    used = {(b.prompt_bucket, b.cont_bucket) for b in plan}
-    assert len(plan) > 2 * len(used)  # many batches share a bucket
+    plan = likelihood.plan_batches(pairs, options["batch_size"], options["buckets"])
+    prompt_buckets = {b.prompt_bucket for b in plan}
+    used = {(b.prompt_bucket, batching.bucket_length(len(pairs[i][1]), options["continuation_buckets"]))
+            for b in plan for idx in b.items for i in idx if len(pairs[i][1]) > 1}
+    assert len(plan) > 2 * len(prompt_buckets)  # many batches share a bucket
     jax.clear_caches()
-    with count_compilations("_continuation_logprobs") as compiled:
+    with count_compilations("_pass") as compiled:
         likelihood.continuation_logprobs(model, pairs, temperature=0.7, mesh=mesh, **options)
-        likelihood.continuation_logprobs(model, pairs[::-1], temperature=0.3, mesh=mesh, **options)
-    assert 0 < len(compiled) <= len(used)
+        likelihood.continuation_logprobs(model, pairs[::-1], temperature=0.3, mesh=mesh, prune_epsilon=1e-3,
+                                         **options)
+    prompt_passes = sum("prompt_pass" in name for name in compiled)
+    continuation_passes = sum("continuation_pass" in name for name in compiled)
+    assert 0 < prompt_passes <= len(prompt_buckets) and 0 < continuation_passes <= len(used)
+    assert len(compiled) == prompt_passes + continuation_passes
+
+
+def test_pruning_is_certified(model, mesh, pairs):
+    """Skipped continuations move no template's summed probability by more than epsilon."""
+    options = dict(temperature=0.7, batch_size=8, buckets=(16, 32), mesh=mesh)
+    exact_stats, pruned_stats = {}, {}
+    exact = likelihood.continuation_logprobs(model, pairs, stats=exact_stats, **options)
+    epsilon = half_pruning_epsilon(model, pairs, options)
+    pruned = likelihood.continuation_logprobs(model, pairs, prune_epsilon=epsilon, stats=pruned_stats, **options)
+    assert exact_stats["pruned"] == 0 and exact_stats["first_token_only"] > 0
+    assert 0 < pruned_stats["pruned"] < pruned_stats["continuation_pairs"] + pruned_stats["pruned"]
+    assert pruned_stats["continuation_rows"] < exact_stats["continuation_rows"]
+    kept = np.isfinite(pruned)
+    np.testing.assert_array_equal(pruned[kept], exact[kept])
+    per_prompt: dict = {}
+    for (prompt, _), e, p in zip(pairs, np.exp(exact), np.exp(pruned)):
+        per_prompt.setdefault(prompt, []).append((e, p))
+    gaps = [sum(e - p for e, p in rows) for rows in per_prompt.values()]
+    assert 0 < max(gaps) <= epsilon
+
+
+def half_pruning_epsilon(model, pairs, options) -> float:
+    """An epsilon that prunes about half the prompts' multi-token continuations: the median over
+    prompts of the summed first-token bounds."""
+    multi = [(p, c[:1]) for p, c in pairs if len(c) > 1]
+    first = np.exp(likelihood.continuation_logprobs(model, multi, **options))
+    bounds: dict = {}
+    for (prompt, token), u in zip(multi, first):
+        bounds.setdefault(prompt, {})[token] = u
+    return float(np.median([sum(b.values()) for b in bounds.values()]))
+
+
+def test_pruned_scores_and_levels(model, mesh, pairs, tokenizer):
+    cfg = config_lib.default_config().scoring
+    cfg.update(batch_size=8, buckets=(16, 32))
+    epsilon = half_pruning_epsilon(model, pairs, dict(temperature=cfg.temperature, batch_size=8, buckets=(16, 32)))
+    exact = score_facts(model, tokenizer, FACTS, dict_config(cfg, prune_epsilon=0.0))
+    stats: dict = {}
+    pruned = score_facts(model, tokenizer, FACTS, dict_config(cfg, prune_epsilon=epsilon), stats=stats)
+    assert stats["pruned"] > 0
+    for a, b in zip(exact, pruned):
+        gap = np.subtract(a["template_scores"], b["template_scores"])
+        assert np.all(gap >= -1e-7) and np.all(gap <= epsilon + 1e-7)
+        assert a["level"] == b["level"]
+
+
+def dict_config(cfg, **fields):
+    cfg = cfg.copy_and_resolve_references()
+    cfg.update(fields)
+    return cfg
 
 
 def test_levels_at_exact_thresholds():
@@ -219,6 +276,23 @@ def test_sampling_near_zero_temperature_is_greedy(model_dir, tokenizer):
     sampling.template_hit_rates(model, tokenizer, facts, temperature=0.7, num_samples=2, outputs=b,
                                 **dict(options, batch_size=8))
     assert a == b and len({t for rows in a for t in rows}) > 1
+
+
+def test_sampling_run_compiles_once_per_bucket(model_dir, tokenizer):
+    model = models.from_pretrained(model_dir)
+    facts = [FACTS[0], FACTS[2]]
+    options = dict(temperature=0.7, num_samples=2, max_new_tokens=3, batch_size=8, buckets=(8, 16))
+    bos, _ = tokenization.special_tokens(tokenizer)
+    head = [] if bos is None else [bos]
+    used = {batching.bucket_length(len(sampling.template_prompt(tokenizer, head, templates_lib.fill(t, f["subject"]))),
+                                   options["buckets"])
+            for f in facts for t in templates_lib.completion_templates()[f["relation"]]}
+    assert len(used) == 2  # 42 prompts in 6 batches over 2 buckets
+    jax.clear_caches()
+    with count_compilations("_decode") as compiled:
+        sampling.template_hit_rates(model, tokenizer, facts, **options)
+        sampling.template_hit_rates(model, tokenizer, facts[::-1], **dict(options, temperature=0.3, seed=1))
+    assert 0 < len(compiled) <= len(used)
 
 
 def _config(model_dir, **scoring):

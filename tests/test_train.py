@@ -29,6 +29,7 @@ from jaxsft.data.relations import ID_RELATIONS
 from jaxsft.models import sharding
 from jaxsft.models.config import ModelConfig
 from jaxsft.training import data, optim, train
+from jaxsft.training import step as step_lib
 from jaxsft.training.step import loss_and_grads
 
 NAMES = ["Ann", "Bob", "Cid", "Dan", "Eve", "Fay", "Gus", "Hal", "Ivy", "Jon"]
@@ -160,6 +161,23 @@ def test_gradient_ignores_masked_positions(model_dir):
         np.testing.assert_allclose(a, b_, atol=1e-7, rtol=1e-5)
 
 
+def test_logits_at_target_positions_only_give_the_same_loss_and_grads(model_dir):
+    graphdef, params = nnx.split(models.from_pretrained(model_dir))
+    examples = data.encode(qa_set(6), tokenization.load_tokenizer(model_dir), make_config(model_dir))
+    batch = {k: jnp.asarray(v) for k, v in data.batch(examples, 0, 8, seed=0).items()}
+    k = step_lib.targets_per_row(examples.loss_mask)
+    assert k < examples.loss_mask.shape[1] - 1  # fewer positions unembedded than the whole row
+    grad = jax.jit(loss_and_grads, static_argnums=(1, 3, 4))
+    for accum in (1, 2):
+        loss, grads = grad(params, graphdef, batch, accum, None)
+        loss_k, grads_k = grad(params, graphdef, batch, accum, k)
+        np.testing.assert_allclose(loss_k, loss, rtol=1e-5)
+        for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_k)):
+            np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
+    most = int((examples.loss_mask[:, 1:] > 0).sum(-1).max())
+    assert int(step_lib.dropped_targets(batch, most)) == 0 and int(step_lib.dropped_targets(batch, most - 1)) > 0
+
+
 def test_remat_scan_and_bfloat16_options(model_dir):
     """Remat and scanned layers change memory, not gradients; bfloat16 compute keeps float32 master
     weights and gradients."""
@@ -190,6 +208,26 @@ def test_weight_decay_skips_norms_and_biases():
     assert decayed == {"embed", "lm_head", *(f"layers.{n}_proj.kernel" for n in ("q", "k", "v", "o", "up", "down"))}
     kept = mask.keys() - decayed
     assert {"layers.q_proj.bias", "layers.up_proj.bias", "lm_head_bias", "final_norm.bias", "layers.attn_norm.scale"} <= kept
+
+
+def test_mu_dtype_stores_the_first_moment_in_bfloat16():
+    cfg = ModelConfig.from_hf(dict(hf_models._COMMON, model_type="llama", **hf_models.FAMILIES["llama2"][1]))
+    params = nnx.state(nnx.eval_shape(lambda: models.Decoder(cfg, rngs=nnx.Rngs(0))), nnx.Param)
+    t = config_lib.default_config().train
+
+    def moments(mu_dtype):
+        tx, _ = optim.optimizer(_with(t, mu_dtype=mu_dtype), 10)
+        adam = jax.eval_shape(tx.init, params)[1][0]
+        return {x.dtype for x in jax.tree.leaves(adam.mu)}, {x.dtype for x in jax.tree.leaves(adam.nu)}
+
+    assert moments("") == ({np.dtype(np.float32)}, {np.dtype(np.float32)})
+    assert moments("bfloat16") == ({jnp.dtype(jnp.bfloat16)}, {np.dtype(np.float32)})
+
+
+def _with(config, **fields):
+    config = config.copy_and_resolve_references()
+    config.update(fields)
+    return config
 
 
 def test_batches_visit_every_item_once_per_epoch():

@@ -21,12 +21,16 @@ FACT_COLUMNS = ("id", "split", "relation", "subject", "question", "answers")
 
 def template_scores(model: Decoder, tokenizer, facts: Sequence[Mapping], cfg: ml_collections.ConfigDict,
                     mesh: jax.sharding.Mesh | None = None,
-                    progress: Callable[[float], None] | None = None) -> np.ndarray:
-    """Per-template values [facts, templates]: hit probabilities (likelihood) or hit shares (sampling)."""
+                    progress: Callable[[float], None] | None = None, stats: dict | None = None) -> np.ndarray:
+    """Per-template values [facts, templates]: hit probabilities (likelihood) or hit shares (sampling).
+
+    `stats`, when given, receives the likelihood scorer's counts of work done and pruned.
+    """
     if cfg.method == "likelihood":
         return likelihood.template_probabilities(
             model, tokenizer, facts, temperature=cfg.temperature, batch_size=cfg.batch_size,
-            buckets=tuple(cfg.buckets), mesh=mesh, progress=progress)
+            buckets=tuple(cfg.buckets), prune_epsilon=cfg.get("prune_epsilon", 0.0), mesh=mesh, progress=progress,
+            stats=stats)
     if cfg.method == "sampling":
         return sampling.template_hit_rates(
             model, tokenizer, facts, temperature=cfg.temperature, num_samples=cfg.num_samples,
@@ -37,13 +41,13 @@ def template_scores(model: Decoder, tokenizer, facts: Sequence[Mapping], cfg: ml
 
 def score_facts(model: Decoder, tokenizer, facts: Sequence[Mapping], cfg: ml_collections.ConfigDict,
                 mesh: jax.sharding.Mesh | None = None,
-                progress: Callable[[float], None] | None = None) -> list[dict]:
+                progress: Callable[[float], None] | None = None, stats: dict | None = None) -> list[dict]:
     """One row per fact: its `FACT_COLUMNS`, `template_scores`, `R` and `level`.
 
     Likelihood levels are the ones the sampling protocol (`cfg.num_samples` per template) most
     likely gives (`levels.expected_level`); sampling levels are the paper's thresholds on R.
     """
-    scores = template_scores(model, tokenizer, facts, cfg, mesh, progress)
+    scores = template_scores(model, tokenizer, facts, cfg, mesh, progress, stats)
     rows = []
     for fact, values in zip(facts, scores):
         r = float(np.mean(values))

@@ -1,8 +1,13 @@
-"""AdamW with warmup + cosine decay, global-norm clipping, and weight decay on matrices only."""
+"""AdamW with warmup + cosine decay, global-norm clipping, and weight decay on matrices only.
+
+`train.mu_dtype` ("" = the params' dtype, or "bfloat16") stores the first moment in that dtype: with
+float32 master weights it saves a quarter of the optimizer state (what lets Llama-3-8B fit v5e-8).
+"""
 
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import optax
 from flax import nnx
@@ -40,5 +45,6 @@ def optimizer(t: ml_collections.ConfigDict, total_steps: int) -> tuple[optax.Gra
     """The optimizer of `cfg.train` and its learning-rate schedule."""
     schedule = learning_rate(t, total_steps)
     clip = optax.clip_by_global_norm(t.max_grad_norm) if t.max_grad_norm > 0 else optax.identity()
-    adamw = optax.adamw(schedule, b1=t.b1, b2=t.b2, eps=1e-8, weight_decay=t.weight_decay, mask=decay_mask)
+    adamw = optax.adamw(schedule, b1=t.b1, b2=t.b2, eps=1e-8, weight_decay=t.weight_decay, mask=decay_mask,
+                        mu_dtype=jnp.dtype(t.mu_dtype) if t.get("mu_dtype") else None)
     return optax.chain(clip, adamw), schedule

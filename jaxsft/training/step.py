@@ -1,5 +1,9 @@
 """The train step: next-token loss on target tokens, gradient accumulation, one optimizer update.
 
+The lm_head and log-softmax run at target positions only when `targets_per_row` is given (SFT
+targets are the answer and EOS: a few of each row's `max_length` positions), so the [batch, length,
+vocab] logits, the largest activation of a small model, never exist.
+
 `compile_train_step` lowers and compiles it once, ahead of time, for one [batch, length] shape with
 the state and batch shardings of a mesh: a run never recompiles, and a batch of another shape is an
 error instead of a silent second compilation.
@@ -13,6 +17,7 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -32,25 +37,53 @@ class TrainState:
     rng: jax.Array  # uint32 [2]: the run's key data, for stochastic layers (fold in the step)
 
 
-def loss_sum(params: nnx.State, graphdef: nnx.GraphDef, batch: Batch, frozen: tuple[nnx.State, ...] = ()
-             ) -> jax.Array:
+def loss_sum(params: nnx.State, graphdef: nnx.GraphDef, batch: Batch, frozen: tuple[nnx.State, ...] = (),
+             targets_per_row: int | None = None) -> jax.Array:
     """Summed cross-entropy of the target tokens: token t+1 is predicted at t and counts where
     `loss_mask[t + 1]` is set; logits in float32 whatever the compute dtype. `frozen`: the states
-    that are not trained (the base model under LoRA), merged with `params`."""
+    that are not trained (the base model under LoRA), merged with `params`.
+
+    With `targets_per_row` = K, only the hidden states of each row's first K target positions are
+    unembedded ([batch, K, vocab] logits instead of [batch, length, vocab]): K must be at least the
+    most target tokens of any row (`targets_per_row(loss_mask)`), else the extra ones are left out
+    and counted in `dropped_targets`.
+    """
     model = nnx.merge(graphdef, params, *frozen)
-    logits = model(batch["input_ids"], batch["attention_mask"])[:, :-1].astype(jnp.float32)
-    nll = optax.softmax_cross_entropy_with_integer_labels(logits, batch["input_ids"][:, 1:])
-    return jnp.sum(jnp.where(batch["loss_mask"][:, 1:] > 0, nll, 0.0))
+    hidden, _ = model.hidden_states(batch["input_ids"], batch["attention_mask"])
+    hidden, targets, mask = hidden[:, :-1], batch["input_ids"][:, 1:], batch["loss_mask"][:, 1:] > 0
+    if targets_per_row is not None:
+        at = jax.vmap(lambda m: jnp.nonzero(m, size=targets_per_row, fill_value=0)[0])(mask)  # [B, K]
+        hidden = jnp.take_along_axis(hidden, at[..., None], axis=1)
+        targets = jnp.take_along_axis(targets, at, axis=1)
+        mask = jnp.arange(targets_per_row) < jnp.sum(mask, -1, keepdims=True)
+    logits = model.unembed(hidden).astype(jnp.float32)
+    nll = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+    return jnp.sum(jnp.where(mask, nll, 0.0))
+
+
+def targets_per_row(loss_mask: np.ndarray, multiple: int = 8) -> int:
+    """The static K of `loss_sum` for a dataset: its most target tokens in a row (the first token
+    never is one), rounded up to `multiple` and at most the row length."""
+    most = int(np.max(np.sum(np.asarray(loss_mask)[:, 1:] > 0, -1), initial=1))
+    return min(-(-max(most, 1) // multiple) * multiple, np.shape(loss_mask)[1] - 1)
+
+
+def dropped_targets(batch: Batch, targets_per_row: int | None) -> jax.Array:
+    """Target tokens past the first `targets_per_row` of their row: 0 when K fits the data."""
+    if targets_per_row is None:
+        return jnp.zeros((), jnp.int32)
+    return jnp.sum(jnp.maximum(jnp.sum(batch["loss_mask"][:, 1:] > 0, -1) - targets_per_row, 0))
 
 
 def loss_and_grads(params: nnx.State, graphdef: nnx.GraphDef, batch: Batch, accum: int = 1,
-                   frozen: tuple[nnx.State, ...] = ()) -> tuple[jax.Array, nnx.State]:
+                   frozen: tuple[nnx.State, ...] = (), targets_per_row: int | None = None
+                   ) -> tuple[jax.Array, nnx.State]:
     """Mean target-token loss over the whole batch and its gradient, summed over `accum` microbatches.
 
     Microbatch k takes rows k, k + accum, ...: a reshape that keeps each device's rows on it.
     """
     tokens = jnp.maximum(jnp.sum(batch["loss_mask"][:, 1:]), 1).astype(jnp.float32)
-    grad_fn = jax.value_and_grad(lambda p, b: loss_sum(p, graphdef, b, frozen) / tokens)
+    grad_fn = jax.value_and_grad(lambda p, b: loss_sum(p, graphdef, b, frozen, targets_per_row) / tokens)
     if accum == 1:
         return grad_fn(params, batch)
     micro = jax.tree.map(lambda x: x.reshape(-1, accum, *x.shape[1:]).swapaxes(0, 1), batch)
@@ -61,13 +94,15 @@ def loss_and_grads(params: nnx.State, graphdef: nnx.GraphDef, batch: Batch, accu
 
 
 def train_step(state: TrainState, batch: Batch, frozen: tuple[nnx.State, ...] = (), *, graphdef: nnx.GraphDef,
-               tx: optax.GradientTransformation, schedule: optax.Schedule, accum: int
-               ) -> tuple[TrainState, dict[str, jax.Array]]:
-    loss, grads = loss_and_grads(state.params, graphdef, batch, accum, frozen)
+               tx: optax.GradientTransformation, schedule: optax.Schedule, accum: int,
+               targets_per_row: int | None = None) -> tuple[TrainState, dict[str, jax.Array]]:
+    loss, grads = loss_and_grads(state.params, graphdef, batch, accum, frozen, targets_per_row)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = dict(loss=loss, grad_norm=optax.global_norm(grads), param_norm=optax.global_norm(params),
                    learning_rate=schedule(state.step))
+    if targets_per_row is not None:
+        metrics["dropped_targets"] = dropped_targets(batch, targets_per_row)
     return TrainState(state.step + 1, params, opt_state, state.rng), metrics
 
 
@@ -88,13 +123,15 @@ def abstract(tree, tree_shardings):
 
 def compile_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, schedule: optax.Schedule,
                        accum: int, state: TrainState, mesh: Mesh, batch_shape: tuple[int, int],
-                       frozen: tuple[nnx.State, ...] = ()
+                       frozen: tuple[nnx.State, ...] = (), targets_per_row: int | None = None
                        ) -> Callable[[TrainState, Batch, tuple], tuple[TrainState, dict[str, jax.Array]]]:
     """`train_step(state, batch, frozen)` compiled for `batch_shape`, state sharded by its logical
-    axes and donated; `frozen` (shapes suffice) sharded the same way, read only."""
+    axes and donated; `frozen` (shapes suffice) sharded the same way, read only; logits only at the
+    first `targets_per_row` target positions of each row when given."""
     state_sharding, frozen_sharding = shardings(state, mesh), shardings(frozen, mesh)
     batch_sharding = sharding.batch_sharding(mesh)
-    step = jax.jit(functools.partial(train_step, graphdef=graphdef, tx=tx, schedule=schedule, accum=accum),
+    step = jax.jit(functools.partial(train_step, graphdef=graphdef, tx=tx, schedule=schedule, accum=accum,
+                                     targets_per_row=targets_per_row),
                    in_shardings=(state_sharding, batch_sharding, frozen_sharding),
                    out_shardings=(state_sharding, NamedSharding(mesh, PartitionSpec())), donate_argnums=0)
     batch = {k: jax.ShapeDtypeStruct(batch_shape, jnp.int32, sharding=batch_sharding) for k in BATCH_KEYS}

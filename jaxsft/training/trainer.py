@@ -40,7 +40,7 @@ from jaxsft.errors import UserError
 from jaxsft.models import sharding, sources
 from jaxsft.training import data, lora, optim
 from jaxsft.training.checkpoint import Checkpoints
-from jaxsft.training.step import TrainState, abstract, compile_train_step, shardings
+from jaxsft.training.step import TrainState, abstract, compile_train_step, shardings, targets_per_row
 
 # Dense bf16 peak FLOP/s per device for MFU. CPUs have no meaningful figure: a nominal one is used.
 GPU_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12, "V100": 125e12}
@@ -190,7 +190,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | workdir_lib.Workdir, tr
         logging.info("resuming from step %d of %d (%s)", int(state.step), total, ckpts.directory)
     del params
     step_fn = compile_train_step(graphdef, tx, schedule, t.grad_accum, state_shape, mesh,
-                                 (t.batch_size, t.max_length), frozen)
+                                 (t.batch_size, t.max_length), frozen,
+                                 targets_per_row=targets_per_row(examples.loss_mask))  # lm_head at targets only
     frozen = jax.device_put(frozen, step_fn.input_formats[0][2])  # the layouts compiled for (packed NF4 on CPU)
 
     start = int(state.step)
