@@ -34,7 +34,7 @@ from scipy import stats
 
 from jaxsft.models import sources
 from jaxsft import config as config_lib
-from jaxsft import models, runtime, tokenization
+from jaxsft import models, tokenization
 from jaxsft.data import answers as answers_lib
 from jaxsft.data import entity_questions
 from jaxsft.data import templates as templates_lib
