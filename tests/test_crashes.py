@@ -38,7 +38,7 @@ def tiny(tmp_path_factory):
     c.model.path = str(root / "model")
     c.data.limit_per_relation = 1
     c.scoring.batch_size = 16
-    c.train.update(max_length=96, checkpoint_every=0, batch_size=4)
+    c.train.update(max_length=96, checkpoint_every=0, batch_size=8)
     c.eval.update(batch_size=16, max_new_tokens=4, buckets=(64, 96))
     c.grid.update(levels=("mixed",), sizes=("8",), seeds=(0,))
     return c
@@ -63,7 +63,10 @@ def _assert_same(got: dict, expected: dict, k: int) -> None:
             assert got[name] == expected[name], (k, name)
 
 
-def test_a_run_killed_after_any_write_finishes_as_if_never_stopped(tiny, tmp_path, monkeypatch):
+@pytest.mark.parametrize("stride", [pytest.param(1, marks=pytest.mark.slow, id="every-write"),
+                                    pytest.param(5, id="every-5th-write")])
+def test_a_run_killed_after_any_write_finishes_as_if_never_stopped(tiny, tmp_path, monkeypatch, stride):
+    """Every k (`make test-slow`), or every 5th k and the last (the default suite: ~1 minute)."""
     writes = []
     real_write, real_publish = Workdir.write_bytes, Workdir.publish
 
@@ -91,7 +94,7 @@ def test_a_run_killed_after_any_write_finishes_as_if_never_stopped(tiny, tmp_pat
     expected = _outputs(tmp_path / "reference")
     assert total >= 15, writes
 
-    for k in range(1, total + 1):
+    for k in sorted({*range(1, total + 1, stride), total}):
         writes.clear()
         counting(limit=k)
         with pytest.raises(Crash):

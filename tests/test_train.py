@@ -167,10 +167,10 @@ def test_logits_at_target_positions_only_give_the_same_loss_and_grads(model_dir)
     batch = {k: jnp.asarray(v) for k, v in data.batch(examples, 0, 8, seed=0).items()}
     k = step_lib.targets_per_row(examples.loss_mask)
     assert k < examples.loss_mask.shape[1] - 1  # fewer positions unembedded than the whole row
-    grad = jax.jit(loss_and_grads, static_argnums=(1, 3, 4))
+    grad = jax.jit(loss_and_grads, static_argnums=(1, 3, 5))
     for accum in (1, 2):
-        loss, grads = grad(params, graphdef, batch, accum, None)
-        loss_k, grads_k = grad(params, graphdef, batch, accum, k)
+        loss, grads = grad(params, graphdef, batch, accum, (), None)
+        loss_k, grads_k = grad(params, graphdef, batch, accum, (), k)
         np.testing.assert_allclose(loss_k, loss, rtol=1e-5)
         for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_k)):
             np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
