@@ -105,7 +105,10 @@ def free_port() -> int:
 
 def launch(module: str, args: list[str], processes: int = 1, devices: int = 4, **env) -> list[subprocess.Popen]:
     """`python -m <module> <args>` as a job of `processes` CPU processes joined by `jax.distributed`
-    (coordinator on localhost), `devices` CPU devices in all; output to each process's pipe."""
+    (coordinator on localhost), `devices` CPU devices in all. Each process's output goes to a file
+    (`output(proc)`): a pipe nobody reads while the test waits would fill and block the process."""
+    import tempfile
+
     port = free_port()
     procs = []
     for i in range(processes):
@@ -114,14 +117,25 @@ def launch(module: str, args: list[str], processes: int = 1, devices: int = 4, *
         if processes > 1:
             e.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAXSFT_NUM_PROCESSES=str(processes),
                      JAXSFT_PROCESS_ID=str(i))
-        procs.append(subprocess.Popen([sys.executable, "-m", module, *args], cwd=REPO, env=e,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        log = tempfile.TemporaryFile("w+")
+        proc = subprocess.Popen([sys.executable, "-m", module, *args], cwd=REPO, env=e, stdout=log,
+                                stderr=subprocess.STDOUT, text=True)
+        proc.log = log
+        procs.append(proc)
     return procs
+
+
+def output(proc: subprocess.Popen) -> str:
+    """What a `launch`ed process printed so far."""
+    proc.log.seek(0)
+    return proc.log.read()
 
 
 def finish(procs: list[subprocess.Popen], timeout: float = 900) -> list[str]:
     """Wait for every process; each must exit 0. Returns their outputs."""
-    logs = [p.communicate(timeout=timeout)[0] for p in procs]
+    for p in procs:
+        p.wait(timeout=timeout)
+    logs = [output(p) for p in procs]
     for p, log in zip(procs, logs):
         assert p.returncode == 0, log[-4000:]
     return logs

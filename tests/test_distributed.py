@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from safetensors.numpy import load
 
-from conftest import finish, launch, tiny_experiment, write_scores
+from conftest import finish, launch, output, tiny_experiment, write_scores
 from jaxsft.data.relations import ID_RELATIONS
 
 BUCKET = "jaxsft-test"
@@ -75,7 +75,7 @@ def test_sigterm_to_one_host_saves_the_same_step_on_both(tmp_path):
     tensorboard = stopped / "sft" / "level0-size8-seed0" / "tensorboard"
     deadline = time.monotonic() + 300
     while not list(tensorboard.glob("events.*")):  # the writer opens just before step 0
-        assert all(p.poll() is None for p in procs), procs[0].communicate()[0][-4000:]
+        assert all(p.poll() is None for p in procs), output(procs[0])[-4000:]
         assert time.monotonic() < deadline, "training did not start"
         time.sleep(0.2)
     time.sleep(random.Random().uniform(0.5, 3.0))

@@ -11,7 +11,7 @@ import pytest
 from safetensors.numpy import load
 
 import hf_models
-from conftest import finish, launch, tiny_experiment, write_scores
+from conftest import finish, launch, output, tiny_experiment, write_scores
 from jaxsft import config as config_lib
 from jaxsft import models, runtime
 from jaxsft.data.relations import ID_RELATIONS
@@ -89,7 +89,7 @@ def test_training_killed_in_a_bucket_resumes_bit_identical(gcs, tmp_path):
         steps = [int(p.rsplit("/", 1)[1]) for p in gcs.glob(f"{cell}/checkpoints/*") if p.rsplit("/", 1)[1].isdigit()]
         if steps and max(steps) >= kill_after:
             break
-        assert proc.poll() is None, proc.communicate()[0][-4000:]
+        assert proc.poll() is None, output(proc)[-4000:]
         assert time.monotonic() < deadline, "no checkpoint appeared"
         time.sleep(0.2)
     proc.send_signal(signal.SIGKILL)
