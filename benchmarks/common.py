@@ -124,6 +124,21 @@ def in_domain_facts(n: int) -> list[dict]:
     return facts[::max(1, len(facts) // n)][:n]
 
 
+def scoring_workload(doc: str, facts: int):
+    """What the scoring benchmarks share: (args, scoring config, max new tokens, our model, tokenizer,
+    N in-domain facts, the transformers model), SmolLM2-135M float32 on both sides."""
+    args = arguments(doc, facts=facts).parse_args()
+    if args.quick:
+        args.facts, args.pairs = 1, 2
+    from jaxsft import config as config_lib
+    from jaxsft import models, tokenization
+
+    cfg = config_lib.default_config().scoring
+    path = smollm2_gguf()
+    return (args, cfg, 4 if args.quick else cfg.max_new_tokens, models.from_pretrained(path, scan_layers=True),
+            tokenization.load_tokenizer(path), in_domain_facts(args.facts), torch_model(path))
+
+
 def hf_sampling_protocol(hf, tokenizer, facts, *, num_samples: int = 10, temperature: float = 0.7,
                          max_new_tokens: int = 32) -> list[list[float]]:
     """The paper's protocol with transformers `generate`: per fact, its 21 template prompts (the

@@ -15,20 +15,9 @@ import common
 
 
 def main() -> None:
-    args = common.arguments(__doc__, facts=6).parse_args()
-    if args.quick:
-        args.facts, args.pairs = 1, 2
-    from jaxsft import config as config_lib
-    from jaxsft import models, tokenization
     from jaxsft.scoring import likelihood
 
-    cfg = config_lib.default_config().scoring
-    max_new = 4 if args.quick else cfg.max_new_tokens
-    path = common.smollm2_gguf()
-    model = models.from_pretrained(path, scan_layers=True)
-    tokenizer = tokenization.load_tokenizer(path)
-    facts = common.in_domain_facts(args.facts)
-    hf = common.torch_model(path)
+    args, cfg, max_new, model, tokenizer, facts, hf = common.scoring_workload(__doc__, facts=6)
 
     def ours():
         likelihood.template_probabilities(model, tokenizer, facts, temperature=cfg.temperature,
