@@ -1,0 +1,105 @@
+"""Agreement of the likelihood scorer with the paper's full sampling protocol, on the real SmolLM2-135M.
+
+Two phases, both resumable:
+
+1. `--phase protocol`: the protocol itself (21 templates x 10 samples, T = 0.7, at most 32 new
+   tokens, stop at EOS / newline; `sampling.template_hit_rates`, our jit sampler) on N in-domain
+   training facts: a random sample of N / 10 per in-domain relation (seeded), in a shuffled order so
+   that every prefix of the file is itself a random sample. One JSON line per fact (template hit
+   shares and every completion) goes to `results/agreement_protocol.jsonl.gz`, a few facts at a time.
+2. `--phase compare` (the default): the likelihood scorer on the same facts, against the protocol:
+   Spearman of R (all facts, facts with R > 0), exact and within-one level agreement, quadratic
+   weighted Cohen's kappa, the 5 x 5 confusion matrix, mean R of each, a calibration table of p_j
+   against the templates' hit shares, and the scorer's seconds per fact. -> `results/agreement.json`.
+
+    python benchmarks/agreement.py --phase protocol --facts 240   # hours on 2 CPU cores; resumes
+    python benchmarks/agreement.py [--leads 0,2,4]                # minutes
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import argparse
+import gzip
+import json
+import pathlib
+import random
+import time
+
+import numpy as np
+
+import common
+
+PROTOCOL = common.RESULTS / "agreement_protocol.jsonl.gz"
+FACTS_PER_CALL = 3  # 63 prompts x 10 samples per sampler call
+
+
+def sample_facts(n: int, seed: int = 0) -> list[dict]:
+    """n / 10 random in-domain training facts per relation, shuffled (seeded)."""
+    from jaxsft.data import entity_questions
+    from jaxsft.data.relations import ID_RELATIONS
+
+    rng = random.Random(seed)
+    by_relation: dict[str, list[dict]] = {}
+    for fact in entity_questions.load(splits="train", relations=ID_RELATIONS):
+        by_relation.setdefault(fact["relation"], []).append(fact)
+    per_relation = -(-n // len(ID_RELATIONS))
+    facts = [f for r in ID_RELATIONS for f in rng.sample(by_relation[r], per_relation)]
+    rng.shuffle(facts)
+    return facts[:n]
+
+
+def read_protocol(path: pathlib.Path = PROTOCOL) -> list[dict]:
+    if not path.exists():
+        return []
+    with gzip.open(path, "rt") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def run_protocol(args, cfg, model, tokenizer) -> None:
+    from jaxsft.scoring import sampling
+
+    done = {row["id"] for row in read_protocol()}
+    todo = [f for f in sample_facts(args.facts, args.seed) if f["id"] not in done]
+    print(f"protocol: {len(done)} facts done, {len(todo)} to go", flush=True)
+    for start in range(0, len(todo), FACTS_PER_CALL):
+        facts = todo[start:start + FACTS_PER_CALL]
+        outputs: list = []
+        begin = time.perf_counter()
+        rates = sampling.template_hit_rates(
+            model, tokenizer, facts, temperature=cfg.temperature, num_samples=cfg.num_samples,
+            max_new_tokens=cfg.max_new_tokens, batch_size=21 * FACTS_PER_CALL, buckets=tuple(cfg.buckets),
+            seed=cfg.seed, outputs=outputs)
+        seconds = (time.perf_counter() - begin) / len(facts)
+        lines = []
+        for f, fact in enumerate(facts):
+            n = len(rates[f])
+            lines.append(json.dumps(dict(id=fact["id"], relation=fact["relation"], subject=fact["subject"],
+                                         answers=fact["answers"], rates=rates[f].tolist(),
+                                         outputs=outputs[f * n:(f + 1) * n], seconds=seconds)))
+        with gzip.open(PROTOCOL, "at") as out:  # one gzip member per call: a killed run loses one call
+            out.write("\n".join(lines) + "\n")
+        print(f"protocol: {len(done) + start + len(facts)} facts, {seconds:.1f} s/fact", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--phase", choices=("protocol", "compare"), default="compare")
+    parser.add_argument("--facts", type=int, default=240)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    from jaxsft import config as config_lib
+    from jaxsft import models, tokenization
+
+    cfg = config_lib.default_config().scoring
+    path = common.smollm2_gguf()
+    model, tokenizer = models.from_pretrained(path, scan_layers=True), tokenization.load_tokenizer(path)
+    if args.phase == "protocol":
+        run_protocol(args, cfg, model, tokenizer)
+
+
+if __name__ == "__main__":
+    main()
