@@ -25,8 +25,9 @@ LEVELS = (0, 1, 2, 3, 4)
 
 @dataclasses.dataclass(frozen=True)
 class Cell:
-    """One fine-tuning run and its accuracies: `accuracy[role][test level]`, role in id/ood. A cell
-    whose level has no training facts has `items == 0` and no accuracies."""
+    """One fine-tuning run and its accuracies: `accuracy[role][test level]`, role in id/ood, over
+    `count[role][test level]` test items. A cell whose level has no training facts has `items == 0`
+    and no accuracies. The model before fine-tuning is the cell of level `BASELINE`."""
 
     level: str
     size: str
@@ -34,6 +35,10 @@ class Cell:
     items: int
     accuracy: Mapping[str, Mapping[int, float]]
     macro: Mapping[str, float]
+    count: Mapping[str, Mapping[int, int]] = dataclasses.field(default_factory=dict)
+
+
+BASELINE = "base"  # the level of the baseline cell: the model before fine-tuning
 
 
 def level_counts(relations: Sequence[str], levels: Sequence[int]) -> dict[str, list[int]]:
@@ -109,8 +114,9 @@ def _plot_sizes(cells: Sequence[Cell]):
 
 def write(workdir: str | os.PathLike | Workdir, *, train_levels: Mapping[str, Sequence[int]],
           test_levels: Mapping[str, Sequence[int]], cells: Sequence[Cell], timings: Mapping[str, float],
-          header: str = ""):
-    """Write `report.md` and its plots into `workdir`; return the report's path."""
+          header: str = "", baseline: Cell | None = None):
+    """Write `report.md` and its plots into `workdir`; return the report's path. `baseline` is the
+    model before fine-tuning, evaluated on the same test items."""
     workdir = Workdir(workdir)
     workdir.write_figure("levels_train.png", _plot_levels(train_levels, "Memorization levels of the training facts"))
     workdir.write_figure("levels_test.png", _plot_levels(test_levels, "Memorization levels of the test facts"))
