@@ -85,11 +85,83 @@ def run_protocol(args, cfg, model, tokenizer) -> None:
         print(f"protocol: {len(done) + start + len(facts)} facts, {seconds:.1f} s/fact", flush=True)
 
 
+CALIBRATION_BINS = (0.0, 1e-3, 1e-2, 0.05, 0.1, 0.25, 0.5, 1.0)
+
+
+def agreement(protocol_rates: np.ndarray, estimate: np.ndarray, samples: int) -> dict:
+    """How the estimator's p_j [facts, templates] agree with the protocol's hit shares."""
+    from scipy import stats
+    from sklearn import metrics
+
+    from jaxsft.scoring import levels
+
+    r_protocol, r_estimate = protocol_rates.mean(1), estimate.mean(1)
+    level_protocol = np.array([levels.level(r) for r in r_protocol])
+    level_estimate = np.array([levels.expected_level(p, samples) for p in estimate])
+    hit = r_protocol > 0
+    calibration = []
+    for low, high in zip(CALIBRATION_BINS[:-1], CALIBRATION_BINS[1:]):
+        inside = (estimate >= low) & ((estimate < high) | (high == 1.0))
+        if inside.any():
+            calibration.append(dict(p_from=low, p_to=high, templates=int(inside.sum()),
+                                    mean_p=float(estimate[inside].mean()),
+                                    hit_share=float(protocol_rates[inside].mean())))
+    return dict(
+        facts=len(r_protocol), facts_with_hits=int(hit.sum()),
+        spearman_r=float(stats.spearmanr(r_protocol, r_estimate).statistic),
+        spearman_r_hits=float(stats.spearmanr(r_protocol[hit], r_estimate[hit]).statistic) if hit.sum() > 2 else None,
+        exact_level=float(np.mean(level_protocol == level_estimate)),
+        within_one_level=float(np.mean(np.abs(level_protocol - level_estimate) <= 1)),
+        weighted_kappa=float(metrics.cohen_kappa_score(level_protocol, level_estimate, labels=list(range(5)),
+                                                       weights="quadratic")),
+        confusion=metrics.confusion_matrix(level_protocol, level_estimate, labels=list(range(5))).tolist(),
+        mean_r=dict(protocol=float(r_protocol.mean()), estimate=float(r_estimate.mean()),
+                    ratio=float(r_estimate.mean() / r_protocol.mean()) if r_protocol.mean() else None),
+        levels_protocol=np.bincount(level_protocol, minlength=5).tolist(),
+        levels_estimate=np.bincount(level_estimate, minlength=5).tolist(),
+        calibration=calibration)
+
+
+def compare(args, cfg, model, tokenizer) -> None:
+    """The likelihood scorer at each beam setting, against the protocol's facts."""
+    from jaxsft.scoring import likelihood
+
+    rows = read_protocol()
+    if not rows:
+        raise SystemExit(f"no protocol results in {PROTOCOL}: run --phase protocol first")
+    facts = [dict(id=r["id"], relation=r["relation"], subject=r["subject"], answers=r["answers"]) for r in rows]
+    protocol_rates = np.array([r["rates"] for r in rows])
+    protocol_seconds = float(np.median([r["seconds"] for r in rows]))
+    results = []
+    for setting in args.beams.split(","):
+        width, depth = map(int, setting.split("x"))
+        options = dict(temperature=cfg.temperature, batch_size=cfg.batch_size, buckets=tuple(cfg.buckets),
+                       prune_epsilon=cfg.prune_epsilon, beam_width=width, beam_depth=depth)
+        likelihood.template_probabilities(model, tokenizer, facts[:3], **options)  # compile
+        work: dict = {}
+        begin = time.perf_counter()
+        estimate = likelihood.template_probabilities(model, tokenizer, facts, **options, stats=work)
+        seconds = (time.perf_counter() - begin) / len(facts)
+        result = dict(beam_width=width, beam_depth=depth, seconds_per_fact=seconds,
+                      protocol_over_estimate=protocol_seconds / seconds, work=work,
+                      **agreement(protocol_rates, estimate, cfg.num_samples))
+        print(json.dumps({k: v for k, v in result.items() if k not in ("calibration", "work")}), flush=True)
+        results.append(result)
+    common.write_json(dict(name="agreement", machine=common.machine(), load=common.load(),
+                           protocol=dict(facts=len(rows), file=PROTOCOL.name, seconds_per_fact=protocol_seconds,
+                                         temperature=cfg.temperature, samples=cfg.num_samples,
+                                         max_new_tokens=cfg.max_new_tokens, mean_r=float(protocol_rates.mean())),
+                           prune_epsilon=cfg.prune_epsilon, estimators=results),
+                      args.out or common.RESULTS / "agreement.json")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--phase", choices=("protocol", "compare"), default="compare")
     parser.add_argument("--facts", type=int, default=240)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--beams", default="0x0,4x1,4x2,8x2,8x3", help="beam width x depth settings to compare")
+    parser.add_argument("--out", default="")
     args = parser.parse_args()
     from jaxsft import config as config_lib
     from jaxsft import models, tokenization
@@ -99,6 +171,8 @@ def main() -> None:
     model, tokenizer = models.from_pretrained(path, scan_layers=True), tokenization.load_tokenizer(path)
     if args.phase == "protocol":
         run_protocol(args, cfg, model, tokenizer)
+    else:
+        compare(args, cfg, model, tokenizer)
 
 
 if __name__ == "__main__":

@@ -55,6 +55,8 @@ def default_config() -> ml_collections.ConfigDict:
         seed=0,
         shard_size=2048,  # facts per output shard
         prune_epsilon=1e-4,  # likelihood: skip continuations that cannot move a p_j by more (0: off)
+        beam_width=0,  # likelihood: leads kept per depth, after which the answer is also looked for (0: off)
+        beam_depth=0,  # likelihood: longest lead, in tokens (0: only answers at the start)
     ))
 
     c.select = ml_collections.ConfigDict(dict(level="0", size="60", seed=0))  # level 0-4 | mixed; size | all
@@ -227,6 +229,8 @@ SCHEMA: dict[str, Field] = {
     "scoring.seed": integer(0),
     "scoring.shard_size": integer(1),
     "scoring.prune_epsilon": number(0),  # 0: score every continuation
+    "scoring.beam_width": integer(0),
+    "scoring.beam_depth": integer(0),
     "select.level": LEVEL,
     "select.size": SIZE,
     "select.seed": integer(0),
@@ -331,5 +335,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
     leftover = [axis for axis in ("data", "fsdp", "tensor") if c.mesh[axis] == -1]
     if len(leftover) > 1:
         _fail(f"mesh.{leftover[-1]}", -1, f"a device count: at most one axis of -1, and mesh.{leftover[0]} is -1")
+    if c.scoring.beam_depth and not c.scoring.beam_width:
+        _fail("scoring.beam_width", 0, f"an integer >= 1 when scoring.beam_depth = {c.scoring.beam_depth}")
     if c.train.batch_size % c.train.grad_accum:
         _fail("train.grad_accum", c.train.grad_accum, f"a divisor of train.batch_size ({c.train.batch_size})")

@@ -75,6 +75,8 @@ def _manifest(cfg: ml_collections.ConfigDict, ids: Sequence[str]) -> dict:
         scorer.update(max_new_tokens=s.max_new_tokens, top_k=s.top_k, top_p=s.top_p, seed=s.seed)
     else:
         scorer.update(prune_epsilon=s.prune_epsilon)
+        if s.beam_depth:  # recorded only when on: scores of earlier versions keep their provenance
+            scorer.update(beam_width=s.beam_width, beam_depth=s.beam_depth)
     return dict(model=sources.fingerprint(cfg.model.path), dtype=cfg.model.dtype, split=s.split, data=cfg.data.to_dict(),
                 scorer=scorer, facts=len(ids), shard_size=s.shard_size,
                 ids_sha256=hashlib.sha256("\n".join(ids).encode()).hexdigest())

@@ -122,6 +122,63 @@ def test_invariant_to_batch_mates_padding_and_buckets(model, mesh, pairs, tokeni
     np.testing.assert_allclose(np.exp(got[:len(pairs)]), np.exp(reference[order]), atol=1e-7, rtol=0)
 
 
+def plain_next_logprobs(model, tokens, temperature):
+    ids, mask = np.zeros((2, 1, PLAIN_LENGTH), np.int32)
+    ids[0, :len(tokens)], mask[0, :len(tokens)] = tokens, 1
+    logits = np.asarray(_logits(model, jnp.asarray(ids), jnp.asarray(mask)), np.float64)[0, len(tokens) - 1]
+    logits = logits / temperature
+    return logits - np.logaddexp.reduce(logits)
+
+
+def plain_beam(model, prompt, conts, temperature, width, depth, stop):
+    """The beam's value of each continuation, one full forward per sequence: log(P(c) + sum over the
+    kept leads l of P(l + c)), as `continuation_logprobs` documents it."""
+    def top(seq, lp):
+        logp = plain_next_logprobs(model, list(prompt) + list(seq), temperature)
+        return [(seq + (int(t),), lp + logp[t]) for t in np.argsort(-logp)[:width] if not stop[t]]
+
+    def has_prefix(seq, sequences):
+        return any(seq[:k] in sequences for k in range(1, len(seq) + 1))
+
+    counted, candidates = set(conts), []
+    frontier = [(s, lp) for s, lp in top((), 0.0) if s not in counted]
+    for d in range(depth):
+        expansions = []
+        for lead, _ in frontier:
+            for c in conts:
+                candidates.append((lead + c, c))
+                if len(c) == 1:
+                    counted.add(lead + c)
+            expansions += top(lead, _)
+        frontier = sorted((e for e in expansions if not has_prefix(e[0], counted)), key=lambda e: -e[1])[:width]
+    value = {c: np.exp(plain_logprob(model, prompt, c, temperature)) for c in conts}
+    kept = set(conts)
+    for seq, c in sorted(candidates, key=lambda x: len(x[0])):
+        if not has_prefix(seq, kept):
+            kept.add(seq)
+            value[c] += np.exp(plain_logprob(model, prompt, seq, temperature))
+    return [np.log(value[c]) for c in conts]
+
+
+def test_beam_equals_plain_computation(model, mesh, pairs, tokenizer):
+    """Answers after a beam of leads: the batched, cached scorer against one full forward per sequence."""
+    stop = generate.stop_token_table(tokenizer, [tokenizer.eos_token_id])
+    stop = np.pad(stop, (0, model.cfg.vocab_size - len(stop)))
+    prompts = list(dict.fromkeys(p for p, _ in pairs))[:3]
+    subset = [pair for pair in pairs if pair[0] in prompts]
+    stats: dict = {}
+    got = likelihood.continuation_logprobs(model, subset, temperature=0.7, batch_size=8, buckets=(16, 32),
+                                           beam_width=3, beam_depth=2, stop_table=stop, mesh=mesh, stats=stats)
+    expected = []
+    for prompt in prompts:
+        expected += plain_beam(model, prompt, [c for p, c in subset if p == prompt], 0.7, 3, 2, stop)
+    order = [i for prompt in prompts for i, (p, _) in enumerate(subset) if p == prompt]
+    np.testing.assert_allclose(got[order], expected, atol=1e-5, rtol=RTOL)
+    direct = likelihood.continuation_logprobs(model, subset, temperature=0.7, batch_size=8, buckets=(16, 32),
+                                              mesh=mesh)
+    assert np.all(got > direct) and stats["lead_sequences"] > 0
+
+
 @contextlib.contextmanager
 def count_compilations(name: str):
     """Counts XLA compilations of functions whose name contains `name`."""

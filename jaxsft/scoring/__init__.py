@@ -29,7 +29,8 @@ def template_scores(model: Decoder, tokenizer, facts: Sequence[Mapping], cfg: ml
     if cfg.method == "likelihood":
         return likelihood.template_probabilities(
             model, tokenizer, facts, temperature=cfg.temperature, batch_size=cfg.batch_size,
-            buckets=tuple(cfg.buckets), prune_epsilon=cfg.get("prune_epsilon", 0.0), mesh=mesh, progress=progress,
+            buckets=tuple(cfg.buckets), prune_epsilon=cfg.get("prune_epsilon", 0.0),
+            beam_width=cfg.get("beam_width", 0), beam_depth=cfg.get("beam_depth", 0), mesh=mesh, progress=progress,
             stats=stats)
     if cfg.method == "sampling":
         return sampling.template_hit_rates(
