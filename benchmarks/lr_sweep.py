@@ -96,25 +96,25 @@ def main() -> None:
     seeds = [int(s) for s in args.seeds.split(",")]
     scratch = pathlib.Path(args.workdir or tempfile.mkdtemp(prefix="lr-sweep-"))
     cfg = demo_config()
-    timings: dict[str, float] = {}
+    records = Workdir(scratch / "records")  # one JSON per finished stage or evaluation: a rerun skips it
+    timings: dict[str, float] = records.read_json("timings.json") if records.exists("timings.json") else {}
 
-    start = time.perf_counter()
-    id_cfg = run.stage_config(cfg, scoring=dict(split="train"),
-                              data=dict(relations="id", limit_per_relation=args.per_relation))
-    score.run(id_cfg, scratch / "id")
-    scored = select.load_scored(scratch / "id", "train")
-    timings["score ID facts"] = time.perf_counter() - start
+    def scored_facts(name: str, relations: str, per_relation: int):
+        stage_cfg = run.stage_config(cfg, scoring=dict(split="train"),
+                                     data=dict(relations=relations, limit_per_relation=per_relation))
+        done, start = score.memorization_done(scratch / name, "train"), time.perf_counter()
+        score.run(stage_cfg, scratch / name)  # refuses finished scores of another config
+        if not done:
+            timings[f"score {name.upper()} facts ({per_relation} per relation)"] = time.perf_counter() - start
+            records.write_json("timings.json", timings)
+        return select.load_scored(scratch / name, "train")
+
+    scored = scored_facts("id", "id", args.per_relation)
     shares = dict(id=level_shares(list(scored["level"])))
     if args.ood_per_relation:
-        start = time.perf_counter()
-        ood_cfg = run.stage_config(cfg, scoring=dict(split="train"),
-                                   data=dict(relations="ood", limit_per_relation=args.ood_per_relation))
-        score.run(ood_cfg, scratch / "ood")
-        shares["ood"] = level_shares(list(select.load_scored(scratch / "ood", "train")["level"]))
-        timings["score OOD facts"] = time.perf_counter() - start
+        shares["ood"] = level_shares(list(scored_facts("ood", "ood", args.ood_per_relation)["level"]))
     print("level shares", shares, flush=True)
 
-    records = Workdir(scratch / "records")  # one JSON per finished evaluation: a rerun skips it
     tokenizer = runtime.load_tokenizer(cfg)
     baseline: dict[int, dict] = {}
     runs: dict[str, list[dict]] = {}

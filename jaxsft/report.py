@@ -33,6 +33,7 @@ LEVELS = (0, 1, 2, 3, 4)
 ROLES = ("id", "ood")
 MIN_TEST_ITEMS = 30  # fewer test items in a (role, test level) cell: marked, left out of the macro
 MARK = "†"
+MIN_SIZE_RATIO = 1.5  # "60 items suffice" is judged against a set at least this many times larger
 
 
 @dataclasses.dataclass(frozen=True)
@@ -231,7 +232,8 @@ def _pct(e: Estimate) -> str:
 
 
 def _sixty_items(groups: Mapping[tuple[str, str], list[Cell]]) -> list[str]:
-    """(a) the smallest training set against each larger one of the same level: >= 90% of its macro?"""
+    """(a) the smallest training set against each larger one of the same level (at least
+    `MIN_SIZE_RATIO` times its items): >= 90% of its macro?"""
     out = []
     by_level: dict[str, dict[str, list[Cell]]] = collections.defaultdict(dict)
     for (level, size), group in groups.items():
@@ -240,8 +242,12 @@ def _sixty_items(groups: Mapping[tuple[str, str], list[Cell]]) -> list[str]:
         order = sorted(sizes, key=_size_key)
         base = order[0]
         for larger in order[1:]:
-            if np.mean([c.items for c in sizes[larger]]) <= np.mean([c.items for c in sizes[base]]):
-                continue  # the level has no more facts than the small set: nothing to compare
+            small_items, large_items = (np.mean([c.items for c in sizes[s]]) for s in (base, larger))
+            if large_items < MIN_SIZE_RATIO * small_items:
+                out.append(f"training level {level}: size {larger} got {large_items:.0f} items, under "
+                           f"{MIN_SIZE_RATIO}x the {small_items:.0f} of size {base} (the level has too few "
+                           "facts): not compared")
+                continue
             for role in ROLES:
                 a, b = _macro_estimate(sizes[base], role), _macro_estimate(sizes[larger], role)
                 share = f"{100 * a.mean / b.mean:.0f}%" if b.mean > 0 else "–"

@@ -82,6 +82,10 @@ def test_findings_sixty_items():
     assert "70% of it; >= 90%: **no**" in level1
     ood = next(line for line in lines if line.startswith("training level 0, OOD"))
     assert "100% of it; >= 90%: **yes**" in ood  # OOD 0.5 everywhere, spread 0
+    # Level 1 had 70 facts: its "180" set is barely larger than the 60 one, and is not compared.
+    short = report._groups([*seeds("1", "60", 0.40, 0.39), *seeds("1", "180", 0.57, 0.56, items=70)])
+    assert report._sixty_items(short) == ["training level 1: size 180 got 70 items, under 1.5x the 60 of size 60 "
+                                          "(the level has too few facts): not compared"]
 
 
 def test_findings_diagonal_and_best_level():
