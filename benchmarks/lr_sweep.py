@@ -15,11 +15,12 @@
 The choice (`chosen`): the learning rate with the highest held-out accuracy (all held-out items,
 mean over seeds); among the rates whose mean lies within the noise of it (best - mean <= spread_best
 + spread_rate, spread = the larger of the std over seeds and the binomial standard error of the
-accuracy over all its held-out answers), the smallest (nearest the paper's 1e-5). Figures go to `results/lr_sweep.json`; the wall times per
-stage are recorded too (the machine may be shared: they bound the demo's budget from above).
+accuracy over all its held-out answers), the smallest (nearest the paper's 1e-5). Figures go to
+`results/lr_sweep.json`, with the wall times per stage (on a shared machine, an upper bound).
 
-    PYTHONPATH=. python benchmarks/lr_sweep.py --workdir /tmp/lr-sweep   # ~15 min on 2 idle CPU cores
-    python benchmarks/lr_sweep.py --lrs 1e-4 --seeds 0 --per-relation 4 --size 8 --out /tmp/s.json  # smoke test
+    PYTHONPATH=. python benchmarks/lr_sweep.py --workdir /tmp/lr-sweep   # ~10 min on 2 idle cores; resumes
+    PYTHONPATH=. python benchmarks/lr_sweep.py --lrs 1e-4 --seeds 0 --per-relation 3 --ood-per-relation 1 \
+        --size 8 --out /tmp/s.json                                       # smoke test
 """
 
 from __future__ import annotations
@@ -84,7 +85,7 @@ def main() -> None:
     parser.add_argument("--seeds", default="0,1")
     parser.add_argument("--size", type=int, default=60, help="level-0 training facts per run")
     parser.add_argument("--per-relation", type=int, default=20, help="ID training facts scored per relation")
-    parser.add_argument("--ood-per-relation", type=int, default=3, help="OOD training facts scored (level shares only)")
+    parser.add_argument("--ood-per-relation", type=int, default=8, help="OOD training facts scored (level shares only)")
     parser.add_argument("--workdir", default="", help="scratch workdir (kept; scores resume); default: a temp dir")
     parser.add_argument("--out", default=str(common.RESULTS / "lr_sweep.json"))
     args = parser.parse_args()

@@ -88,8 +88,9 @@ def is_published_model(model: str) -> bool:
 
 
 def published_table(published: Published = PUBLISHED) -> str:
-    """The published figures as a markdown table."""
-    lines = [f"| training level | training facts | ID macro (%) | OOD macro (%) |", "|---|---|---|---|"]
+    """The published figures as a markdown table (WORKSPACE.md's "Published reference" holds it)."""
+    lines = ["| training level | training facts | ID macro accuracy (%) | OOD macro accuracy (%) |",
+             "|---|---|---|---|"]
     for lv in LEVELS:
         lines.append(f"| {lv} | {published.train_facts[lv]} | {published.macro['id'][lv]:.2f} | "
                      f"{published.macro['ood'][lv]:.2f} |")
@@ -433,8 +434,8 @@ def write(workdir: str | os.PathLike | Workdir, *, train_levels: Mapping[str, Se
     tensorboard = ", ".join(f"[{name}](sft/{name}/tensorboard)" for name in runs) or "none yet"
     timing_rows = "\n".join(f"| {stage} | {seconds:.1f} |" for stage, seconds in timings.items())
     if is_published_model(model):
-        published = f"""The run's model is {PUBLISHED.model}: the published figures ({PUBLISHED.source}; {PUBLISHED.size}
-training items, macro over all five test levels) beside ours (macro over the test levels with
+        published = f"""The run's model is {PUBLISHED.model}: the published figures ({PUBLISHED.source};
+{PUBLISHED.size} training items, macro over all five test levels) beside ours (macro over the test levels with
 >= {MIN_TEST_ITEMS} items; training facts: the facts scored here, per level).
 
 {published_comparison(cells, train_levels)}"""

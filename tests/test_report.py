@@ -4,6 +4,7 @@ baseline row, the findings' decision rule, the published figures."""
 from __future__ import annotations
 
 import math
+import pathlib
 
 import pytest
 
@@ -60,7 +61,8 @@ def test_paper_table_puts_the_baseline_first_and_marks_small_cells():
     assert lines[2] == "| test items | | | 120 | 40 | 12† | 0† | 0† |  | 200 | 35 | 5† | 0† | 0† |  |"
     assert lines[3].startswith("| before fine-tuning | – | 0 | 10.0 | 5.0 | 90.0† |")
     assert lines[3].split(" | ")[8] == "7.5"  # ID avg: (10 + 5) / 2
-    assert lines[4].startswith("| 0 | 60 | 60/60/60 | 40.0 ± 0.8 | 30.0 ± 0.8 | 90.0 ± 0.0† | – | – | 35.0 ± 0.8 |")
+    assert lines[4].startswith(
+        "| 0 | 60 | 60/60/60 | 40.0 ± 0.8 | 30.0 ± 0.8 | 90.0 ± 0.0† | – | – | 35.0 ± 0.8 |")
     assert lines[5].startswith("| 1 | 60 | 60/60/60 |") and lines[6].startswith("| 4 | 60 | 0 | – |")
 
 
@@ -134,6 +136,8 @@ def test_published_figures_and_the_comparison():
     assert [p.macro["id"][lv] for lv in range(5)] == [45.47, 52.69, 57.53, 55.15, 53.93]
     assert [p.macro["ood"][lv] for lv in range(5)] == [46.24, 50.80, 53.71, 51.04, 50.25]
     assert "| 2 | 11558 | 57.53 | 53.71 |" in report.published_table()
+    # WORKSPACE.md's "Published reference" is this table, always shown.
+    assert report.published_table() in (pathlib.Path(__file__).parents[1] / "WORKSPACE.md").read_text()
     cells = [*seeds("0", "1920", 0.5, 0.4), *seeds("0", "60", 0.3, 0.2), *seeds("2", "60", 0.3, 0.2)]
     table = report.published_comparison(cells, {"P17": [10, 5, 1, 0, 0], "P19": [3, 2, 0, 0, 0]})
     assert "| 0 | 18456 | 13 | 1920 | 45.47 | 45.0 ± 0.8 | 46.24 | 50.0 ± 0.0 |" in table
