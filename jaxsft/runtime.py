@@ -86,7 +86,8 @@ def parked(model: nnx.Module) -> Iterator[nnx.Module]:
     graphdef, state = nnx.split(model)
     host = HostCopy(state)
     for x in jax.tree.leaves(state):
-        x.delete()
+        if not x.is_deleted():  # an array held twice is deleted once
+            x.delete()
     del state
     try:
         yield nnx.merge(graphdef, host.place())
