@@ -49,16 +49,17 @@ def jax_step(path: str, dtype: str, batch: dict[str, np.ndarray]) -> Callable[[]
     mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
     model = models.from_pretrained(path, dtype=runtime.dtype(dtype), param_dtype=jnp.float32, mesh=mesh)
     graphdef, params = nnx.split(model)
-    tx, schedule = optim.optimizer(cfg.train, total_steps=1000)
+    tx = optim.optimizer(cfg.train)
     init = lambda p: TrainState(jnp.zeros((), jnp.int32), p, tx.init(p), jax.random.key_data(jax.random.key(0)))
     state_shape = jax.eval_shape(init, params)
     state = [jax.jit(init, out_shardings=shardings(state_shape, mesh))(params)]
-    step_fn = compile_train_step(graphdef, tx, schedule, 1, state_shape, mesh, (BATCH, LENGTH),
+    step_fn = compile_train_step(graphdef, tx, 1, state_shape, mesh, (BATCH, LENGTH),
                                  targets_per_row=targets_per_row(batch["loss_mask"]))
     device_batch = {k: jax.device_put(v, sharding.batch_sharding(mesh)) for k, v in batch.items()}
+    lr = jax.device_put(np.float32(cfg.train.learning_rate), jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
 
     def step() -> float:
-        state[0], metrics = step_fn(state[0], device_batch, ())
+        state[0], metrics = step_fn(state[0], device_batch, (), lr)
         return float(metrics["loss"])  # waits for the step
 
     return step

@@ -164,15 +164,15 @@ def train_program(cfg: ml_collections.ConfigDict, graphdef: nnx.GraphDef, params
     if t.batch_size % t.grad_accum:
         raise ValueError(f"train.batch_size={t.batch_size} does not split into grad_accum={t.grad_accum} microbatches")
     _check_batch("train.batch_size // train.grad_accum", t.batch_size // t.grad_accum, mesh)
-    tx, schedule = optim.optimizer(t, total_steps=max(1000, t.warmup_steps + 1))
-    state = jax.eval_shape(lambda p: step.TrainState(jnp.zeros((), jnp.int32), p, tx.init(p),
-                                                     jax.random.key_data(jax.random.key(0))), params)
+    optimizer = optim.optimizer(t)
+    state = jax.eval_shape(lambda p: step.init_state(p, jax.random.key_data(jax.random.key(0)), optimizer=optimizer),
+                           params)
     shape = (t.batch_size, t.max_length)
     batch = {k: jax.ShapeDtypeStruct(shape, jnp.int32) for k in step.BATCH_KEYS}
-    fn = functools.partial(step.train_step, graphdef=graphdef, tx=tx, schedule=schedule, accum=t.grad_accum)
+    fn = functools.partial(step.train_step, graphdef=graphdef, optimizer=optimizer, accum=t.grad_accum)
     return Program("train", f"batch {shape[0]} x {shape[1]}, accum {t.grad_accum}",
-                   lambda: step.compile_train_step(graphdef, tx, schedule, t.grad_accum, state, mesh, shape, frozen),
-                   fn, (state, batch, frozen))
+                   lambda: step.compile_train_step(graphdef, optimizer, t.grad_accum, state, mesh, shape, frozen),
+                   fn, (state, batch, frozen, jax.ShapeDtypeStruct((), jnp.float32)))
 
 
 def score_program(cfg: ml_collections.ConfigDict, graphdef: nnx.GraphDef, params: nnx.State, mesh: Mesh

@@ -3,7 +3,8 @@
 `python -m jaxsft.evaluate --config=configs/demo.py --workdir=runs/demo --config.select.level=0`
 answers the scored test facts of the workdir (`score` with `scoring.split=test`) with the fine-tuned
 model of the grid cell `cfg.select` (its `model/`, else `cfg.model.path`) and writes the cell's
-`eval/predictions.jsonl` and `eval/metrics.json`.
+`eval/predictions.jsonl` and `eval/metrics.json`. `baseline` does the same for the model before
+fine-tuning (`baseline/eval/`), the reference every cell is compared with.
 
 An answer is correct when the normalised output contains the normalised answer or one of its
 aliases (`jaxsft.data.answers`). Accuracy is reported per test level (0-4) for the in-domain and
@@ -146,28 +147,60 @@ def settings(cfg: ml_collections.ConfigDict, cell: workdir_lib.Workdir) -> dict[
                 eval=cfg.eval.to_dict(), prompt=cfg.prompt.to_dict())
 
 
-def done(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike | workdir_lib.Workdir) -> dict[str, Any] | None:
-    """The metrics of the cell `cfg.select` if it was evaluated with these settings; None if it was not
-    evaluated. Results of other settings are never overwritten: they are an error naming the difference."""
-    from jaxsft import train
+def baseline_settings(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
+    """What the baseline's result depends on: the base model `cfg.model` and its compute dtype, the
+    test facts and the decoding settings."""
+    return dict(model=sources.fingerprint(cfg.model.path), tokenizer=sources.fingerprint(cfg.model.path),
+                dtype=cfg.model.dtype, eval=cfg.eval.to_dict(), prompt=cfg.prompt.to_dict())
 
-    cell = train.run_dir(cfg, workdir)
-    out = cell.sub(workdir_lib.EVAL)
+
+def _finished(out: workdir_lib.Workdir, expected: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The metrics in `out` if they were computed with the `expected` settings; None if there are none.
+    Results of other settings are never overwritten: they are an error naming the difference."""
     if not out.exists("metrics.json"):
         return None
     metrics = out.read_json("metrics.json")
-    differ = score_stage.differences(metrics.get("settings", {}), json.loads(json.dumps(settings(cfg, cell))))
+    differ = score_stage.differences(metrics.get("settings", {}), json.loads(json.dumps(expected)))
     if differ:
         raise UserError(f"{out.root} holds an evaluation with other settings ({differ}); it is kept: use another "
                         "workdir, or move that directory away to evaluate again")
     return metrics
 
 
+def done(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike | workdir_lib.Workdir) -> dict[str, Any] | None:
+    """The metrics of the cell `cfg.select` if it was evaluated with these settings; None if it was not
+    evaluated. Results of other settings are never overwritten: they are an error naming the difference."""
+    from jaxsft import train
+
+    cell = train.run_dir(cfg, workdir)
+    return _finished(cell.sub(workdir_lib.EVAL), settings(cfg, cell))
+
+
+def baseline_done(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike | workdir_lib.Workdir
+                  ) -> dict[str, Any] | None:
+    """The baseline's metrics if it was evaluated with these settings, as `done` for a cell."""
+    return _finished(workdir_lib.Workdir(workdir).baseline().sub(workdir_lib.EVAL), baseline_settings(cfg))
+
+
+def _answer(cfg: ml_collections.ConfigDict, workdir: workdir_lib.Workdir, out: workdir_lib.Workdir, model: Decoder,
+            tokenizer, items: Sequence[Mapping[str, Any]], recorded: Mapping[str, Any]
+            ) -> tuple[list[dict], dict[str, Any]]:
+    """Evaluate `model` on `items`, the workdir's scored test facts; write `predictions.jsonl` and
+    `metrics.json` (with `recorded`) into `out`."""
+    predictions, result = evaluate(model, tokenizer, items, cfg, progress=jax.process_index() == 0)
+    result.update(scores=os.fspath(score_stage.output_dir(workdir, cfg.eval.split)), split=cfg.eval.split, **recorded)
+    out.write_text("predictions.jsonl", "".join(json.dumps(p) + "\n" for p in predictions))
+    out.write_json("metrics.json", result)
+    logging.info("accuracy (macro over levels) in %s: ID %s, OOD %s", out.root, result["macro"]["id"],
+                 result["macro"]["ood"])
+    return predictions, result
+
+
 def run(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike | workdir_lib.Workdir, *,
         model: Decoder | None = None, tokenizer=None) -> dict[str, Any]:
     """Evaluate the grid cell `cfg.select` of the experiment `workdir` on its scored test facts: `model`
-    (default: the cell's `model/` if there, else `cfg.model.path`). Writes the cell's
-    `eval/predictions.jsonl` and `eval/metrics.json`; returns the metrics."""
+    (default: the cell's `model/` if there, else `cfg.model.path`; `tokenizer` default: that model's).
+    Writes the cell's `eval/predictions.jsonl` and `eval/metrics.json`; returns the metrics."""
     from jaxsft import train
 
     workdir = workdir_lib.Workdir(workdir)
@@ -182,15 +215,29 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike | workdir_lib
         model, loaded = runtime.load(cfg, runtime.make_mesh(cfg), model_path)
         tokenizer = tokenizer or loaded
     tokenizer = tokenizer or runtime.load_tokenizer(cfg)
-    predictions, result = evaluate(model, tokenizer, items, cfg,
-                                   progress=jax.process_index() == 0)
-    result.update(model=model_path, scores=os.fspath(score_stage.output_dir(workdir, cfg.eval.split)),
-                  split=cfg.eval.split, settings=settings(cfg, cell))
-    out = cell.sub(workdir_lib.EVAL)
-    out.write_text("predictions.jsonl", "".join(json.dumps(p) + "\n" for p in predictions))
-    out.write_json("metrics.json", result)
+    predictions, result = _answer(cfg, workdir, cell.sub(workdir_lib.EVAL), model, tokenizer, items,
+                                  dict(model=model_path, settings=settings(cfg, cell)))
     tracking.log_evaluation(cfg, cell, result, predictions)  # TensorBoard (and W&B) on process 0
-    logging.info("accuracy (macro over levels): ID %s, OOD %s", result["macro"]["id"], result["macro"]["ood"])
+    return result
+
+
+def baseline(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike | workdir_lib.Workdir, *,
+             model: Decoder | None = None, tokenizer=None) -> dict[str, Any]:
+    """The baseline: the model before fine-tuning (`cfg.model`; `model` and `tokenizer` when loaded
+    already) answers the test facts every cell answers, scored the same way. Writes the workdir's
+    `baseline/eval/predictions.jsonl` and `metrics.json`; returns the metrics. Done already with
+    these settings: returns them, nothing is loaded; done with other settings: refused."""
+    workdir = workdir_lib.Workdir(workdir)
+    metrics = baseline_done(cfg, workdir)
+    if metrics is not None:
+        return metrics
+    items = load_test_items(workdir, cfg.eval.split, cfg.eval.limit_per_level)
+    if model is None:
+        model, loaded = runtime.load(cfg, runtime.make_mesh(cfg))
+        tokenizer = tokenizer or loaded
+    tokenizer = tokenizer or runtime.load_tokenizer(cfg)
+    _, result = _answer(cfg, workdir, workdir.baseline().sub(workdir_lib.EVAL), model, tokenizer, items,
+                        dict(model=cfg.model.path, settings=baseline_settings(cfg)))
     return result
 
 

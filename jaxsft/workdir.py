@@ -4,6 +4,7 @@
       memorization/                  scores of the training facts   (score)
       test_scores/memorization/      scores of the test facts       (score)
       train_sets/<set>/              training sets                  (select)
+      baseline/eval/                 the model before fine-tuning   (evaluate)
       sft/<set>/                     one grid cell                  (train, evaluate)
         config.json  train_summary.json  checkpoints/  tensorboard/  model/  adapter/  eval/
       report.md  *.png  timings.json                                (report)
@@ -40,6 +41,7 @@ MEMORIZATION = "memorization"
 TEST_SCORES = "test_scores"
 TRAIN_SETS = "train_sets"
 SFT = "sft"
+BASELINE = "baseline"
 MODEL = "model"
 ADAPTER = "adapter"
 EVAL = "eval"
@@ -105,6 +107,10 @@ class Workdir:
 
     def cell(self, name: str) -> Workdir:
         return self.sub(SFT, name)
+
+    def baseline(self) -> Workdir:
+        """The model before fine-tuning, evaluated as the cells are (`eval/`)."""
+        return self.sub(BASELINE)
 
     # ------------------------------------------------------------------------------------- reads
 

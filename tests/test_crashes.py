@@ -19,10 +19,11 @@ from jaxsft import run
 from jaxsft.workdir import Workdir
 
 CELL = pathlib.Path("sft", "levelmixed-size8-seed0")
-# Outputs that must not depend on a crash: scores, training set, model, predictions.
+# Outputs that must not depend on a crash: scores, training set, model, predictions (baseline and cell).
 COMPARED = ["memorization/shard-00000-of-00001.parquet", "test_scores/memorization/shard-00000-of-00001.parquet",
             "memorization/levels.json", "test_scores/memorization/levels.json",
-            "train_sets/levelmixed-size8-seed0/manifest.json", f"{CELL}/eval/predictions.jsonl"]
+            "train_sets/levelmixed-size8-seed0/manifest.json", "baseline/eval/predictions.jsonl",
+            f"{CELL}/eval/predictions.jsonl"]
 
 
 class Crash(Exception):

@@ -216,7 +216,7 @@ def test_mu_dtype_stores_the_first_moment_in_bfloat16():
     t = config_lib.default_config().train
 
     def moments(mu_dtype):
-        tx, _ = optim.optimizer(_with(t, mu_dtype=mu_dtype), 10)
+        tx = optim.optimizer(_with(t, mu_dtype=mu_dtype))
         adam = jax.eval_shape(tx.init, params)[1][0]
         return {x.dtype for x in jax.tree.leaves(adam.mu)}, {x.dtype for x in jax.tree.leaves(adam.nu)}
 

@@ -22,9 +22,12 @@ computes exactly the same thing.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import pathlib
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -34,6 +37,7 @@ import qwix
 from flax import nnx
 
 from jaxsft.models import sharding
+from jaxsft.models.config import ModelConfig
 from jaxsft.models.decoder import PROJECTIONS, Decoder
 from jaxsft.models.loading import TABLES
 from jaxsft.models.rope import rotary_embedding
@@ -48,10 +52,38 @@ def enabled(t: ml_collections.ConfigDict) -> bool:
     return t.get("lora") is not None and t.lora.rank > 0
 
 
+def settings(c: ml_collections.ConfigDict) -> tuple:
+    """What the adapters of `cfg.train.lora` are made of: (rank, alpha, targets, quantize_base)."""
+    return int(c.rank), float(c.alpha), tuple(c.targets), bool(c.quantize_base)
+
+
 def provider(c: ml_collections.ConfigDict) -> qwix.LoraProvider:
     """The qwix provider of `cfg.train.lora`: one rule for every targeted projection."""
-    return qwix.LoraProvider(module_path="|".join(c.targets), rank=c.rank, alpha=float(c.alpha),
-                             weight_qtype=BASE_QTYPE if c.quantize_base else None)
+    return _provider(*settings(c))
+
+
+def _provider(rank: int, alpha: float, targets: tuple[str, ...], quantize_base: bool) -> qwix.LoraProvider:
+    return qwix.LoraProvider(module_path="|".join(targets), rank=rank, alpha=alpha,
+                             weight_qtype=BASE_QTYPE if quantize_base else None)
+
+
+@functools.lru_cache(maxsize=8)
+def _adapter(lora_settings: tuple, cfg: ModelConfig, dtype: Any) -> Callable:
+    """qwix's initialisation of one layer's adapters, jitted: one function per (adapter settings,
+    architecture, dtype) in a process. Runs of the same settings then share its compilation and the
+    adapted layer type it returns (qwix makes a new type per call, and a new type is a new program
+    for every jit that takes the model, the train step included)."""
+    lora_provider = _provider(*lora_settings)
+    rope = rotary_embedding(cfg.rope, cfg.max_position_embeddings)
+
+    @nnx.jit
+    def adapt(block, key):  # the inputs are made inside: nothing traced is kept in the cache
+        x = jnp.zeros((1, 1, cfg.hidden_size), dtype)  # one token through one layer creates the params
+        layer_inputs = (rope, x, rope.cos_sin(jnp.zeros((1, 1), jnp.int32), 0), jnp.ones((1, 1, 1, 1), bool),
+                        None, 0, 0)
+        return qwix.apply_lora_to_model(block, lora_provider, *layer_inputs, rngs=nnx.Rngs(params=key))
+
+    return adapt
 
 
 def _is_var(x) -> bool:
@@ -84,10 +116,16 @@ def _stacked(layers: list[dict[tuple, nnx.Variable]], mesh: jax.sharding.Mesh | 
         p: jax.sharding.NamedSharding(mesh, sharding.logical_to_spec(axes[p], (len(layers), *v.shape), mesh))
         for p, v in first.items()}
     platform = jax.default_backend() if mesh is None else mesh.devices.flat[0].platform
-    values = jax.jit(lambda vs: {p: _storable(jnp.stack(v), platform) for p, v in vs.items()},
-                     out_shardings=out_shardings)(
+    values = _stacker(platform, None if out_shardings is None else tuple(out_shardings.items()))(
         {p: [layer[p][...] for layer in layers] for p in first})
     return {p: v.copy(values[p], out_sharding=axes[p]) for p, v in first.items()}
+
+
+@functools.lru_cache(maxsize=8)
+def _stacker(platform: str, out_shardings: tuple | None) -> Callable:
+    """`_stacked`'s jitted stack, one per (platform, placement): shared by the runs of a process."""
+    return jax.jit(lambda vs: {p: _storable(jnp.stack(v), platform) for p, v in vs.items()},
+                   out_shardings=None if out_shardings is None else dict(out_shardings))
 
 
 def apply(model: Decoder, c: ml_collections.ConfigDict, *, seed: int = 0,
@@ -101,16 +139,7 @@ def apply(model: Decoder, c: ml_collections.ConfigDict, *, seed: int = 0,
     if c.rank <= 0 or not c.targets or missing:
         raise ValueError(f"config.train.lora: rank {c.rank}, targets {tuple(c.targets)}: expected rank > 0 and "
                          f"targets among the {cfg.model_type} projections {', '.join(present)}")
-    lora_provider = provider(c)
-    rope = rotary_embedding(cfg.rope, cfg.max_position_embeddings)
-    x = jnp.zeros((1, 1, cfg.hidden_size), model.dtype)  # one token through one layer creates the params
-    layer_inputs = (rope, x, rope.cos_sin(jnp.zeros((1, 1), jnp.int32), 0), jnp.ones((1, 1, 1, 1), bool),
-                    None, 0, 0)
-
-    @nnx.jit
-    def adapt(block, key):
-        return qwix.apply_lora_to_model(block, lora_provider, *layer_inputs, rngs=nnx.Rngs(params=key))
-
+    adapt = _adapter(settings(c), cfg, model.dtype)
     graphdef, stacked = nnx.split(model.layers)
     before = dict(nnx.to_flat_state(stacked))
     created, kept, adapted_graphdef = [], None, None

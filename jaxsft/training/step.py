@@ -4,16 +4,21 @@ The lm_head and log-softmax run at target positions only when `targets_per_row` 
 targets are the answer and EOS: a few of each row's `max_length` positions), so the [batch, length,
 vocab] logits, the largest activation of a small model, never exist.
 
-`compile_train_step` lowers and compiles it once, ahead of time, for one [batch, length] shape with
-the state and batch shardings of a mesh: a run never recompiles, and a batch of another shape is an
-error instead of a silent second compilation.
+`compile_train_step` lowers and compiles it ahead of time for one [batch, length] shape with the
+state and batch shardings of a mesh: a run never recompiles, and a batch of another shape is an error
+instead of a silent second compilation. The learning rate is an input (the host computes it per step,
+`optim.schedule`), so the program does not depend on a run's length or seed: compiled programs are
+kept per (model structure, optimizer settings, shapes and shardings), and every grid cell of a
+process after the first reuses them (`init_state` likewise).
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -23,6 +28,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxsft.models import sharding
+from jaxsft.training.optim import AdamW
 
 BATCH_KEYS = ("input_ids", "attention_mask", "loss_mask")  # int32 [batch, length] each
 Batch = dict[str, jax.Array]
@@ -93,14 +99,15 @@ def loss_and_grads(params: nnx.State, graphdef: nnx.GraphDef, batch: Batch, accu
     return loss, grads
 
 
-def train_step(state: TrainState, batch: Batch, frozen: tuple[nnx.State, ...] = (), *, graphdef: nnx.GraphDef,
-               tx: optax.GradientTransformation, schedule: optax.Schedule, accum: int,
-               targets_per_row: int | None = None) -> tuple[TrainState, dict[str, jax.Array]]:
+def train_step(state: TrainState, batch: Batch, frozen: tuple[nnx.State, ...], learning_rate: jax.Array, *,
+               graphdef: nnx.GraphDef, optimizer: AdamW, accum: int, targets_per_row: int | None = None
+               ) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One optimizer update at `learning_rate` (float32 []): the new state and the step's metrics."""
     loss, grads = loss_and_grads(state.params, graphdef, batch, accum, frozen, targets_per_row)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    updates, opt_state = optimizer(learning_rate).update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = dict(loss=loss, grad_norm=optax.global_norm(grads), param_norm=optax.global_norm(params),
-                   learning_rate=schedule(state.step))
+                   learning_rate=learning_rate)
     if targets_per_row is not None:
         metrics["dropped_targets"] = dropped_targets(batch, targets_per_row)
     return TrainState(state.step + 1, params, opt_state, state.rng), metrics
@@ -121,18 +128,64 @@ def abstract(tree, tree_shardings):
                               for x, s in zip(leaves, jax.tree.leaves(tree_shardings), strict=True)])
 
 
-def compile_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, schedule: optax.Schedule,
-                       accum: int, state: TrainState, mesh: Mesh, batch_shape: tuple[int, int],
-                       frozen: tuple[nnx.State, ...] = (), targets_per_row: int | None = None
-                       ) -> Callable[[TrainState, Batch, tuple], tuple[TrainState, dict[str, jax.Array]]]:
-    """`train_step(state, batch, frozen)` compiled for `batch_shape`, state sharded by its logical
-    axes and donated; `frozen` (shapes suffice) sharded the same way, read only; logits only at the
-    first `targets_per_row` target positions of each row when given."""
+def init_state(params: nnx.State, rng: jax.Array, *, optimizer: AdamW) -> TrainState:
+    """Step 0: `params`, fresh optimizer moments and the run's key data `rng` (uint32 [2])."""
+    return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params), rng)
+
+
+def signature(tree, tree_shardings=None) -> Hashable:
+    """What a program compiled for `tree` depends on: its structure, and each leaf's shape, dtype and
+    sharding (`tree_shardings`, else the leaf's own)."""
+    leaves, treedef = jax.tree.flatten(tree)
+    placed = jax.tree.leaves(tree_shardings) if tree_shardings is not None else [
+        getattr(x, "sharding", None) for x in leaves]
+    return treedef, tuple((tuple(x.shape), jnp.dtype(x.dtype), s) for x, s in zip(leaves, placed, strict=True))
+
+
+_PROGRAMS: collections.OrderedDict[Hashable, Any] = collections.OrderedDict()
+KEEP_PROGRAMS = 16  # compiled programs kept per process, the least recently used dropped first
+
+
+def _program(key: Hashable, build: Callable[[], Any]) -> Any:
+    """The program of `key`, built (compiled) on first use."""
+    if key in _PROGRAMS:
+        _PROGRAMS.move_to_end(key)
+        return _PROGRAMS[key]
+    program = _PROGRAMS[key] = build()
+    while len(_PROGRAMS) > KEEP_PROGRAMS:
+        _PROGRAMS.popitem(last=False)
+    return program
+
+
+def init_program(optimizer: AdamW, state: TrainState, mesh: Mesh) -> Callable[[nnx.State, jax.Array], TrainState]:
+    """`init_state(params, rng)` jitted onto the shardings of `state` (shapes suffice), `params`
+    donated; one per (optimizer, state layout) in a process."""
+    state_sharding = shardings(state, mesh)
+    key = ("init", optimizer, signature(state, state_sharding))
+    return _program(key, lambda: jax.jit(functools.partial(init_state, optimizer=optimizer),
+                                         out_shardings=state_sharding, donate_argnums=0))
+
+
+def compile_train_step(graphdef: nnx.GraphDef, optimizer: AdamW, accum: int, state: TrainState, mesh: Mesh,
+                       batch_shape: tuple[int, int], frozen: tuple[nnx.State, ...] = (),
+                       targets_per_row: int | None = None
+                       ) -> Callable[[TrainState, Batch, tuple, jax.Array], tuple[TrainState, dict[str, jax.Array]]]:
+    """`train_step(state, batch, frozen, learning_rate)` compiled for `batch_shape`, state sharded by
+    its logical axes and donated; `frozen` (shapes suffice) sharded the same way, read only; the
+    learning rate a replicated float32 []; logits only at the first `targets_per_row` target
+    positions of each row when given. Compiled once per process for equal arguments (`_program`)."""
     state_sharding, frozen_sharding = shardings(state, mesh), shardings(frozen, mesh)
-    batch_sharding = sharding.batch_sharding(mesh)
-    step = jax.jit(functools.partial(train_step, graphdef=graphdef, tx=tx, schedule=schedule, accum=accum,
-                                     targets_per_row=targets_per_row),
-                   in_shardings=(state_sharding, batch_sharding, frozen_sharding),
-                   out_shardings=(state_sharding, NamedSharding(mesh, PartitionSpec())), donate_argnums=0)
-    batch = {k: jax.ShapeDtypeStruct(batch_shape, jnp.int32, sharding=batch_sharding) for k in BATCH_KEYS}
-    return step.lower(abstract(state, state_sharding), batch, abstract(frozen, frozen_sharding)).compile()
+    batch_sharding, replicated = sharding.batch_sharding(mesh), NamedSharding(mesh, PartitionSpec())
+    key = ("train_step", graphdef, optimizer, accum, tuple(batch_shape), targets_per_row,
+           signature(state, state_sharding), signature(frozen, frozen_sharding), batch_sharding)
+
+    def build():
+        step = jax.jit(functools.partial(train_step, graphdef=graphdef, optimizer=optimizer, accum=accum,
+                                         targets_per_row=targets_per_row),
+                       in_shardings=(state_sharding, batch_sharding, frozen_sharding, replicated),
+                       out_shardings=(state_sharding, replicated), donate_argnums=0)
+        batch = {k: jax.ShapeDtypeStruct(batch_shape, jnp.int32, sharding=batch_sharding) for k in BATCH_KEYS}
+        return step.lower(abstract(state, state_sharding), batch, abstract(frozen, frozen_sharding),
+                          jax.ShapeDtypeStruct((), jnp.float32, sharding=replicated)).compile()
+
+    return _program(key, build)

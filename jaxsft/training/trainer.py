@@ -27,7 +27,6 @@ from typing import Any
 
 import datasets
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import tensorboardX
@@ -40,7 +39,7 @@ from jaxsft.errors import UserError
 from jaxsft.models import sharding, sources
 from jaxsft.training import data, lora, optim
 from jaxsft.training.checkpoint import Checkpoints
-from jaxsft.training.step import TrainState, abstract, compile_train_step, shardings, targets_per_row
+from jaxsft.training.step import abstract, compile_train_step, init_program, init_state, shardings, targets_per_row
 
 # Dense bf16 peak FLOP/s per device for MFU. CPUs have no meaningful figure: a nominal one is used.
 GPU_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12, "V100": 125e12}
@@ -142,9 +141,17 @@ def _preempted(step: int, sigterm: threading.Event) -> bool:
 
 
 def train(cfg: ml_collections.ConfigDict, workdir: str | workdir_lib.Workdir, train_set: datasets.Dataset, *,
-          mesh: jax.sharding.Mesh | None = None, max_steps: int | None = None) -> TrainResult:
+          mesh: jax.sharding.Mesh | None = None, max_steps: int | None = None, base: models.Decoder | None = None,
+          tokenizer=None) -> TrainResult:
     """Fine-tune `cfg.model` on `train_set` (rows with `question` and `answers`) as `cfg.train` says,
     in the run directory `workdir`.
+
+    `base`: `cfg.model` already loaded (on `mesh`), to start from instead of loading it again
+    (`jaxsft.run` loads it once for every cell); it is left as it was. With LoRA it is the frozen
+    input of the step, read only; when every weight trains, its weights wait in host memory
+    (`runtime.parked`) while its device copy becomes the train state, and are placed back at the
+    end: the devices hold one copy of the weights, as when the trainer loads its own.
+    `tokenizer`: `cfg.model`'s (default: loaded).
 
     `max_steps` stops this call after that many steps (a checkpoint is saved there), as a job
     with a time budget would; the next call on the same workdir goes on.
@@ -157,8 +164,21 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | workdir_lib.Workdir, tr
     if t.batch_size % t.grad_accum or (t.batch_size // t.grad_accum) % replicas:
         raise UserError(f"batch_size {t.batch_size} must split into grad_accum={t.grad_accum} microbatches "
                          f"that divide over data x fsdp = {replicas} devices")
+    if base is None:
+        model, tokenizer = runtime.load(cfg, mesh)
+        return _fine_tune(cfg, workdir, train_set, model, tokenizer, mesh, max_steps)
+    tokenizer = tokenizer or runtime.load_tokenizer(cfg)
+    if lora.enabled(t):
+        return _fine_tune(cfg, workdir, train_set, base, tokenizer, mesh, max_steps)
+    with runtime.parked(base) as model:
+        return _fine_tune(cfg, workdir, train_set, model, tokenizer, mesh, max_steps)
 
-    model, tokenizer = runtime.load(cfg, mesh)
+
+def _fine_tune(cfg: ml_collections.ConfigDict, workdir: workdir_lib.Workdir, train_set: datasets.Dataset,
+               model: models.Decoder, tokenizer, mesh: jax.sharding.Mesh, max_steps: int | None) -> TrainResult:
+    """The run itself, from `model`: its trained params (all, or the LoRA adapters it gets here) are
+    donated to the train state; the rest is a frozen input, read only."""
+    t = cfg.train
     examples = data.encode(train_set, tokenizer, cfg)
     if not len(examples):
         raise UserError("the training set is empty")
@@ -173,25 +193,22 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | workdir_lib.Workdir, tr
     graphdef, params, frozen = lora.split(model)
     del model
     total = t.epochs * data.steps_per_epoch(len(examples), t.batch_size)
-    tx, schedule = optim.optimizer(t, total)
-
-    def init(p):
-        return TrainState(jnp.zeros((), jnp.int32), p, tx.init(p), jax.random.key_data(jax.random.key(t.seed)))
-
-    state_shape = jax.eval_shape(init, params)
+    optimizer, learning_rate = optim.optimizer(t), optim.schedule(t, total)
+    state_shape = jax.eval_shape(lambda p: init_state(p, jax.random.key_data(jax.random.key(0)), optimizer=optimizer),
+                                 params)
     state_sharding = shardings(state_shape, mesh)
     ckpts = Checkpoints(workdir.path(workdir_lib.CHECKPOINTS), t.keep_checkpoints)
     restored = ckpts.restore(abstract(state_shape, state_sharding))
     if restored is None:
-        state = jax.jit(init, out_shardings=state_sharding, donate_argnums=0)(params)
+        state = init_program(optimizer, state_shape, mesh)(
+            params, jax.random.key_data(jax.random.key(t.seed)))
     else:
         state, saved = restored
         _check_position(saved, position(0), ckpts.directory)
         logging.info("resuming from step %d of %d (%s)", int(state.step), total, ckpts.directory)
     del params
-    step_fn = compile_train_step(graphdef, tx, schedule, t.grad_accum, state_shape, mesh,
-                                 (t.batch_size, t.max_length), frozen,
-                                 targets_per_row=targets_per_row(examples.loss_mask))  # lm_head at targets only
+    step_fn = compile_train_step(graphdef, optimizer, t.grad_accum, state_shape, mesh, (t.batch_size, t.max_length),
+                                 frozen, targets_per_row=targets_per_row(examples.loss_mask))  # lm_head at targets only
     frozen = jax.device_put(frozen, step_fn.input_formats[0][2])  # the layouts compiled for (packed NF4 on CPU)
 
     start = int(state.step)
@@ -204,6 +221,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | workdir_lib.Workdir, tr
     metrics_log = _Metrics(str(workdir.path(workdir_lib.TENSORBOARD)), start, total, t.batch_size * t.max_length,
                            n_model, peak, t.log_every)
     batch_sharding = sharding.batch_sharding(mesh)
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     pending = None
     preempted = False
     try:
@@ -211,7 +229,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | workdir_lib.Workdir, tr
             for step in range(start, end):
                 batch = {k: jax.make_array_from_callback(v.shape, batch_sharding, v.__getitem__)
                          for k, v in data.batch(examples, step, t.batch_size, t.seed).items()}
-                state, metrics = step_fn(state, batch, frozen)
+                lr = jax.make_array_from_callback((), replicated, lambda _, s=step: np.float32(learning_rate(s)))
+                state, metrics = step_fn(state, batch, frozen, lr)
                 if pending:  # read the previous step's metrics while this one runs
                     metrics_log.record(*pending)
                 pending = (step, metrics)
