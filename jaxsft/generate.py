@@ -14,8 +14,8 @@ batch are stopped from the start. A run compiles once per (prompt bucket, batch,
 prefill and first chunk (`_decode`), once per (row bucket, cache slots, settings) for the other
 chunks (`_resume`) and once per pair of row buckets for the gather (`_gather`), whatever the stop
 patterns. `generate(stats=...)` counts row-steps (a row fed a token) against those of the loop
-before compaction; on SmolLM2-135M, 56 % fewer in the protocol on 3 facts and 27 % fewer in greedy
-evaluation of 64 questions (benchmarks/README.md).
+before compaction: on SmolLM2-135M, 60 % fewer in the paper's protocol on 3 facts and 42 % fewer
+in greedy evaluation of 64 questions (`benchmarks/row_steps.py`, benchmarks/README.md).
 """
 
 from __future__ import annotations
