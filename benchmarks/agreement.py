@@ -155,14 +155,31 @@ def compare(args, cfg, model, tokenizer) -> None:
                       args.out or common.RESULTS / "agreement.json")
 
 
+def table(path: pathlib.Path) -> str:
+    """The markdown table of `results/agreement.json` (WORKSPACE.md shows it)."""
+    result = json.loads(path.read_text())
+    head = ("| beam (width x depth) | s / fact | protocol / scorer | exact level | within one | weighted kappa "
+            "| Spearman R (all) | Spearman R (R > 0) | mean R / protocol's |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for e in result["estimators"]:
+        lines.append(f"| {e['beam_width']} x {e['beam_depth']} | {e['seconds_per_fact']:.2f} "
+                     f"| {e['protocol_over_estimate']:.1f}x | {e['exact_level']:.3f} | {e['within_one_level']:.3f} "
+                     f"| {e['weighted_kappa']:.3f} | {e['spearman_r']:.3f} | {e['spearman_r_hits']:.3f} "
+                     f"| {e['mean_r']['ratio']:.2f} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--phase", choices=("protocol", "compare"), default="compare")
+    parser.add_argument("--phase", choices=("protocol", "compare", "table"), default="compare")
     parser.add_argument("--facts", type=int, default=240)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--beams", default="0x0,4x1,4x2,8x2,8x3", help="beam width x depth settings to compare")
     parser.add_argument("--out", default="")
     args = parser.parse_args()
+    if args.phase == "table":
+        print(table(pathlib.Path(args.out) if args.out else common.RESULTS / "agreement.json"))
+        return
     from jaxsft import config as config_lib
     from jaxsft import models, tokenization
 

