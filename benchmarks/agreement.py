@@ -167,12 +167,13 @@ def write(args, cfg, rows, protocol_rates, protocol_seconds, results) -> None:
 def table(path: pathlib.Path) -> str:
     """The markdown table of `results/agreement.json` (WORKSPACE.md shows it)."""
     result = json.loads(path.read_text())
-    head = ("| beam (width x depth) | s / fact | protocol (generate) / scorer | exact level | within one | weighted kappa "
-            "| Spearman R (all) | Spearman R (R > 0) | mean R / protocol's |")
+    head = ("| beam (width x depth) | s / fact (load / core) | cost against no beam | exact level | within one "
+            "| weighted kappa | Spearman R (all) | Spearman R (R > 0) | mean R / protocol's |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    base = result["estimators"][0]["seconds_per_fact"]
     for e in result["estimators"]:
         lines.append(f"| {e['beam_width']} x {e['beam_depth']} | {e['seconds_per_fact']:.2f} "
-                     f"| {e['generate_over_estimate']:.1f}x | {e['exact_level']:.3f} | {e['within_one_level']:.3f} "
+                     f"({e['load']['per_core']:.2f}) | {e['seconds_per_fact'] / base:.1f}x | {e['exact_level']:.3f} | {e['within_one_level']:.3f} "
                      f"| {e['weighted_kappa']:.3f} | {e['spearman_r']:.3f} | {e['spearman_r_hits']:.3f} "
                      f"| {e['mean_r']['ratio']:.2f} |")
     return "\n".join(lines)
