@@ -258,7 +258,7 @@ def _lead_candidates(model: Decoder, cache: KVCache, batch: _Batch, pairs: Seque
                               if not stop[t]]
         frontier = [sorted((e for e in expansions[r] if not _has_prefix_in(e[0], counted[r])),
                            key=lambda e: -e[1])[:width] for r in range(rows)]
-    counts["leads"] = counts.get("leads", 0) + sum(len(c) for c in out)
+    counts["leads"] += sum(len(c) for c in out)
     return out
 
 
