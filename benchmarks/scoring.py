@@ -58,6 +58,7 @@ def torch_logprobs(model, pairs, temperature: float, batch_size: int) -> np.ndar
     """log P_T(continuation | prompt) with transformers: full sequences, right-padded, sorted by length."""
     import torch
 
+    device = next(model.parameters()).device
     out = np.zeros(len(pairs))
     order = sorted(range(len(pairs)), key=lambda i: len(pairs[i][0]) + len(pairs[i][1]))
     with torch.inference_mode():
@@ -74,11 +75,12 @@ def torch_logprobs(model, pairs, temperature: float, batch_size: int) -> np.ndar
                 rows += [r] * len(pairs[i][1])
                 cols += range(p - 1, p - 1 + len(pairs[i][1]))
                 targets += pairs[i][1]
+            ids, mask = ids.to(device), mask.to(device)
             hidden = model.model(input_ids=ids, attention_mask=mask).last_hidden_state
             logits = model.lm_head(hidden[rows, cols]).float() / temperature
-            token_logp = torch.log_softmax(logits, -1)[torch.arange(len(targets)), torch.tensor(targets)]
-            sums = torch.zeros(len(seqs)).index_add_(0, torch.tensor(rows), token_logp)
-            out[idx] = sums.numpy()
+            token_logp = torch.log_softmax(logits, -1)[torch.arange(len(targets)), torch.tensor(targets, device=device)]
+            sums = torch.zeros(len(seqs), device=device).index_add_(0, torch.tensor(rows, device=device), token_logp)
+            out[idx] = sums.cpu().numpy()
     return out
 
 

@@ -36,10 +36,10 @@ from common import write_json  # benchmarks/ is on sys.path when a script runs
 BATCH, LENGTH = 8, 32
 
 
-def make_batch(vocab: int) -> dict[str, np.ndarray]:
-    ids = np.random.default_rng(0).integers(0, vocab, (BATCH, LENGTH)).astype(np.int32)
+def make_batch(vocab: int, batch: int = BATCH, length: int = LENGTH) -> dict[str, np.ndarray]:
+    ids = np.random.default_rng(0).integers(0, vocab, (batch, length)).astype(np.int32)
     loss_mask = np.zeros_like(ids)
-    loss_mask[:, LENGTH // 2:] = 1
+    loss_mask[:, length // 2:] = 1
     return dict(input_ids=ids, attention_mask=np.ones_like(ids), loss_mask=loss_mask)
 
 
@@ -53,7 +53,7 @@ def jax_step(path: str, dtype: str, batch: dict[str, np.ndarray]) -> Callable[[]
     init = lambda p: TrainState(jnp.zeros((), jnp.int32), p, tx.init(p), jax.random.key_data(jax.random.key(0)))
     state_shape = jax.eval_shape(init, params)
     state = [jax.jit(init, out_shardings=shardings(state_shape, mesh))(params)]
-    step_fn = compile_train_step(graphdef, tx, 1, state_shape, mesh, (BATCH, LENGTH),
+    step_fn = compile_train_step(graphdef, tx, 1, state_shape, mesh, batch["input_ids"].shape,
                                  targets_per_row=targets_per_row(batch["loss_mask"]))
     device_batch = {k: jax.device_put(v, sharding.batch_sharding(mesh)) for k, v in batch.items()}
     lr = jax.device_put(np.float32(cfg.train.learning_rate), jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
@@ -62,23 +62,31 @@ def jax_step(path: str, dtype: str, batch: dict[str, np.ndarray]) -> Callable[[]
         state[0], metrics = step_fn(state[0], device_batch, (), lr)
         return float(metrics["loss"])  # waits for the step
 
+    step.flops = flops(step_fn)
     return step
 
 
-def torch_step(hf_dir: pathlib.Path, dtype: str, batch: dict[str, np.ndarray]) -> Callable[[], float]:
-    """transformers' model with torch.optim.AdamW, bfloat16 by CPU autocast."""
+def flops(compiled) -> float:
+    """XLA's count of a compiled program's floating-point operations."""
+    cost = compiled.cost_analysis()
+    return float((cost[0] if isinstance(cost, list) else cost)["flops"])
+
+
+def torch_step(hf_dir: pathlib.Path, dtype: str, batch: dict[str, np.ndarray],
+               device: str = "cpu") -> Callable[[], float]:
+    """transformers' model with torch.optim.AdamW on `device`, bfloat16 by autocast."""
     import torch
     import transformers
 
-    model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
+    model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).to(device)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
-    ids = torch.tensor(batch["input_ids"], dtype=torch.long)
-    mask = torch.tensor(batch["attention_mask"], dtype=torch.long)
-    labels = torch.where(torch.tensor(batch["loss_mask"]) > 0, ids, -100)
+    ids = torch.tensor(batch["input_ids"], dtype=torch.long, device=device)
+    mask = torch.tensor(batch["attention_mask"], dtype=torch.long, device=device)
+    labels = torch.where(torch.tensor(batch["loss_mask"], device=device) > 0, ids, -100)
 
     def step() -> float:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
             loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

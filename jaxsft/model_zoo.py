@@ -14,6 +14,11 @@ _LLAMA2 = dict(model_type="llama", vocab_size=32000, hidden_act="silu", max_posi
                bos_token_id=1, eos_token_id=2)
 
 ARCHITECTURES: dict[str, dict[str, Any]] = {
+    "HuggingFaceTB/SmolLM2-135M-Instruct": dict(  # the demo's model (the embedded GGUF's header)
+        model_type="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+        num_attention_heads=9, num_key_value_heads=3, head_dim=64, hidden_act="silu", max_position_embeddings=8192,
+        rms_norm_eps=1e-5, rope_theta=100000.0, tie_word_embeddings=True, attention_bias=False,
+        bos_token_id=1, eos_token_id=2, pad_token_id=2),
     "meta-llama/Llama-2-7b-hf": dict(
         _LLAMA2, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
         num_key_value_heads=32),

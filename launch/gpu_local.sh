@@ -7,7 +7,8 @@ usage() {
 Usage: [VAR=value ...] launch/gpu_local.sh [STEP ...] [-- JAXSFT_RUN_FLAGS ...]
 
 Steps (default: install run):
-  install  create the venv and install jaxsft with CUDA 12 jax (jax[cuda12] brings CUDA and cuDNN wheels)
+  install  create the venv and install jaxsft: over the jax that PYTHON has when it sees a GPU
+           (JAX=system), else with jax[cuda12] (CUDA and cuDNN wheels)
   check    show the devices JAX sees
   run      python -m jaxsft.run on all visible GPUs (FSDP over them: the config's mesh.fsdp=-1)
 
@@ -18,9 +19,15 @@ Variables (defaults in brackets):
   WORKDIR               output directory [runs/<config name>]
   VENV                  virtualenv [.venv-gpu]
   PYTHON                interpreter that creates the venv (3.11+) [python3]
+  JAX                   system: keep PYTHON's packages (jax and its CUDA plugin, torch, ...), add
+                        only what jaxsft lacks, and warn where a kept version is not jaxsft's;
+                        cuda12 | cuda13: a new venv with jax[cudaNN] at jaxsft's pin;
+                        auto: system if PYTHON's jax sees a GPU, else cuda12 [auto]
   CUDA_VISIBLE_DEVICES  GPUs to use [all]
   MEM_FRACTION          share of each GPU's memory JAX preallocates [0.92]
   HF_TOKEN              Hugging Face token for gated models (Llama)
+
+Offline: PIP_NO_INDEX=1 PIP_FIND_LINKS=/path/to/wheels launch/gpu_local.sh install
 
 Example: CONFIG=configs/llama2_7b.py launch/gpu_local.sh run -- --config.train.learning_rate=2e-5
 EOF
@@ -31,6 +38,7 @@ CONFIG=${CONFIG:-configs/phi3_mini.py}
 WORKDIR=${WORKDIR:-runs/$(basename "${CONFIG}" .py)}
 VENV=${VENV:-.venv-gpu}
 PYTHON=${PYTHON:-python3}
+JAX=${JAX:-auto}
 MEM_FRACTION=${MEM_FRACTION:-0.92}
 if [[ "${VENV}" != /* ]]; then
     VENV="${REPO}/${VENV}"
@@ -50,9 +58,40 @@ step_install() {
         echo "nvidia-smi not found: install the NVIDIA driver first" >&2
         exit 1
     fi
-    "${PYTHON}" -m venv "${VENV}"
-    py -m pip install --quiet --upgrade pip
-    py -m pip install --quiet -e "${REPO}" "jax[cuda12]==0.10.2"
+    if [[ "${JAX}" == auto ]]; then
+        if "${PYTHON}" -c 'import jax, sys; sys.exit(jax.default_backend() != "gpu")' 2> /dev/null; then
+            JAX=system
+        else
+            JAX=cuda12
+        fi
+    fi
+    if [[ "${JAX}" == system ]]; then
+        install_over_system
+    else
+        "${PYTHON}" -m venv "${VENV}"
+        py -m pip install --quiet --upgrade pip
+        py -m pip install --quiet -e "${REPO}" "jax[${JAX}]==$(py "${REPO}/launch/requirements.py" pin jax)"
+    fi
+}
+
+# A venv that sees PYTHON's packages (through a .pth, also when PYTHON is itself a venv's): what is
+# installed stays as it is (pinned by constraints), jaxsft's missing requirements are added, and the
+# checkout is put on the path (no build step, so it works offline).
+install_over_system() {
+    echo "using $("${PYTHON}" -c 'import jax; print("jax", jax.__version__, "on", jax.devices())')"
+    "${PYTHON}" -m venv --system-site-packages --without-pip "${VENV}"  # PYTHON's pip serves it
+    local site constraints="${VENV}/system-constraints.txt" missing py_bin="${VENV}/bin/python"
+    site=$(py -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+    "${PYTHON}" -c 'import sysconfig; print(*dict.fromkeys(sysconfig.get_paths()[k] for k in ("purelib", "platlib")), sep="\n")' \
+        > "${site}/system-site-packages.pth"
+    echo "${REPO}" > "${site}/jaxsft.pth"
+    "${PYTHON}" -m pip --python "${py_bin}" freeze > "${constraints}"
+    missing=$(py "${REPO}/launch/requirements.py" missing)
+    if [[ -n "${missing}" ]]; then
+        echo "installing what ${PYTHON} lacks:" ${missing}
+        # shellcheck disable=SC2086 (one requirement per word)
+        "${PYTHON}" -m pip --python "${py_bin}" install --quiet -c "${constraints}" ${missing}
+    fi
 }
 
 step_check() {
