@@ -7,12 +7,19 @@ Two phases, both resumable:
    training facts: a random sample of N / 10 per in-domain relation (seeded), in a shuffled order so
    that every prefix of the file is itself a random sample. One JSON line per fact (template hit
    shares and every completion) goes to `results/agreement_protocol.jsonl.gz`, a few facts at a time.
-2. `--phase compare` (the default): the likelihood scorer on the same facts, against the protocol:
+2. `--phase enrich`: the second phase of a two-phase (stratified) sample. Random sampling finds
+   few facts above level 1 (2 % of them), so `--screen` further random in-domain facts, none of
+   the first phase's, are screened by one greedy completion per template (T = 0, the protocol's
+   cheapest relative, blind to the estimator under test); the protocol then runs on those whose
+   greedy hit share is at least `--screen-share`, at most `--take` of them, into
+   `results/agreement_enriched.jsonl.gz` (the screen's shares: `results/agreement_screen.json`).
+3. `--phase compare` (the default): the likelihood scorer on the same facts, against the protocol:
    Spearman of R (all facts, facts with R > 0), exact and within-one level agreement, quadratic
    weighted Cohen's kappa, the 5 x 5 confusion matrix, mean R of each, a calibration table of p_j
    against the templates' hit shares, and the scorer's seconds per fact. -> `results/agreement.json`.
 
     python benchmarks/agreement.py --phase protocol --facts 240   # hours on 2 CPU cores; resumes
+    python benchmarks/agreement.py --phase enrich --screen 800 --take 60   # resumes
     python benchmarks/agreement.py [--leads 0,2,4]                # minutes
 """
 
@@ -34,6 +41,8 @@ import numpy as np
 import common
 
 PROTOCOL = common.RESULTS / "agreement_protocol.jsonl.gz"
+ENRICHED = common.RESULTS / "agreement_enriched.jsonl.gz"
+SCREEN = common.RESULTS / "agreement_screen.json"
 FACTS_PER_CALL = 3  # 63 prompts x 10 samples per sampler call
 
 
@@ -60,10 +69,15 @@ def read_protocol(path: pathlib.Path = PROTOCOL) -> list[dict]:
 
 
 def run_protocol(args, cfg, model, tokenizer) -> None:
+    protocol(sample_facts(args.facts, args.seed), PROTOCOL, cfg, model, tokenizer)
+
+
+def protocol(facts: list[dict], path: pathlib.Path, cfg, model, tokenizer) -> None:
+    """The protocol on `facts`, appended to `path` a few facts at a time; facts already there are skipped."""
     from jaxsft.scoring import sampling
 
-    done = {row["id"] for row in read_protocol()}
-    todo = [f for f in sample_facts(args.facts, args.seed) if f["id"] not in done]
+    done = {row["id"] for row in read_protocol(path)}
+    todo = [f for f in facts if f["id"] not in done]
     print(f"protocol: {len(done)} facts done, {len(todo)} to go", flush=True)
     for start in range(0, len(todo), FACTS_PER_CALL):
         facts = todo[start:start + FACTS_PER_CALL]
@@ -80,9 +94,35 @@ def run_protocol(args, cfg, model, tokenizer) -> None:
             lines.append(json.dumps(dict(id=fact["id"], relation=fact["relation"], subject=fact["subject"],
                                          answers=fact["answers"], rates=rates[f].tolist(),
                                          outputs=outputs[f * n:(f + 1) * n], seconds=seconds)))
-        with gzip.open(PROTOCOL, "at") as out:  # one gzip member per call: a killed run loses one call
+        with gzip.open(path, "at") as out:  # one gzip member per call: a killed run loses one call
             out.write("\n".join(lines) + "\n")
         print(f"protocol: {len(done) + start + len(facts)} facts, {seconds:.1f} s/fact", flush=True)
+
+
+def run_enrich(args, cfg, model, tokenizer) -> None:
+    """Screen further random facts by their greedy completions, then the protocol on those that pass."""
+    from jaxsft.data import entity_questions
+    from jaxsft.data.relations import ID_RELATIONS
+    from jaxsft.scoring import sampling
+
+    first = {f["id"] for f in sample_facts(args.facts, args.seed)}
+    pool = [f for f in entity_questions.load(splits="train", relations=ID_RELATIONS) if f["id"] not in first]
+    random.Random(args.seed + 1).shuffle(pool)
+    screened = pool[:args.screen]
+    if SCREEN.exists() and json.loads(SCREEN.read_text())["screen"] == args.screen:
+        shares = json.loads(SCREEN.read_text())["greedy_share"]
+    else:
+        begin = time.perf_counter()
+        rates = sampling.template_hit_rates(model, tokenizer, screened, temperature=0.0, num_samples=1,
+                                            max_new_tokens=cfg.max_new_tokens, batch_size=4 * cfg.batch_size,
+                                            buckets=tuple(cfg.buckets))
+        shares = dict(zip([f["id"] for f in screened], rates.mean(1).tolist()))
+        common.write_json(dict(screen=args.screen, seed=args.seed + 1, excluded=len(first),
+                               seconds_per_fact=(time.perf_counter() - begin) / len(screened),
+                               greedy_share=shares), SCREEN)
+    passed = [f for f in screened if shares[f["id"]] >= args.screen_share]
+    print(f"screen: {len(passed)} of {len(screened)} facts with a greedy hit share >= {args.screen_share}", flush=True)
+    protocol(passed[:args.take], ENRICHED, cfg, model, tokenizer)
 
 
 CALIBRATION_BINS = (0.0, 1e-3, 1e-2, 0.05, 0.1, 0.25, 0.5, 1.0)
@@ -140,13 +180,14 @@ def compare(args, cfg, model, tokenizer) -> None:
     for setting in args.beams.split(","):
         width, depth = map(int, setting.split("x"))
         options = dict(temperature=cfg.temperature, batch_size=cfg.batch_size, buckets=tuple(cfg.buckets),
-                       prune_epsilon=cfg.prune_epsilon, beam_width=width, beam_depth=depth)
+                       prune_epsilon=cfg.prune_epsilon, beam_width=width, beam_depth=depth,
+                       layout="cached" if depth else "packed")
         likelihood.template_probabilities(model, tokenizer, facts[:3], **options)  # compile
         work: dict = {}
         begin = time.perf_counter()
         estimate = likelihood.template_probabilities(model, tokenizer, facts, **options, stats=work)
         seconds = (time.perf_counter() - begin) / len(facts)
-        result = dict(beam_width=width, beam_depth=depth, seconds_per_fact=seconds, load=common.load(),
+        result = dict(beam_width=width, beam_depth=depth, layout=options["layout"], seconds_per_fact=seconds, load=common.load(),
                       protocol_over_estimate=protocol_seconds["ours"] / seconds,
                       generate_over_estimate=protocol_seconds["generate"] / seconds, work=work,
                       **agreement(protocol_rates, estimate, cfg.num_samples))
@@ -181,10 +222,13 @@ def table(path: pathlib.Path) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--phase", choices=("protocol", "compare", "table"), default="compare")
+    parser.add_argument("--phase", choices=("protocol", "enrich", "compare", "table"), default="compare")
     parser.add_argument("--facts", type=int, default=240)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--beams", default="0x0,4x1,4x2,8x2,8x3", help="beam width x depth settings to compare")
+    parser.add_argument("--screen", type=int, default=800, help="enrich: facts screened by greedy completions")
+    parser.add_argument("--screen-share", type=float, default=0.25, help="enrich: greedy hit share to pass")
+    parser.add_argument("--take", type=int, default=60, help="enrich: at most this many passed facts")
     parser.add_argument("--out", default="")
     args = parser.parse_args()
     if args.phase == "table":
@@ -198,6 +242,8 @@ def main() -> None:
     model, tokenizer = models.from_pretrained(path, scan_layers=True), tokenization.load_tokenizer(path)
     if args.phase == "protocol":
         run_protocol(args, cfg, model, tokenizer)
+    elif args.phase == "enrich":
+        run_enrich(args, cfg, model, tokenizer)
     else:
         compare(args, cfg, model, tokenizer)
 

@@ -15,14 +15,12 @@ import common
 
 
 def main() -> None:
-    from jaxsft.scoring import likelihood
+    from jaxsft import scoring
 
     args, cfg, max_new, model, tokenizer, facts, hf = common.scoring_workload(__doc__, facts=6)
 
     def ours():
-        likelihood.template_probabilities(model, tokenizer, facts, temperature=cfg.temperature,
-                                          batch_size=cfg.batch_size, buckets=tuple(cfg.buckets),
-                                          prune_epsilon=cfg.prune_epsilon)
+        scoring.template_scores(model, tokenizer, facts, cfg)  # as `score` runs it
 
     def theirs():
         common.hf_sampling_protocol(hf, tokenizer, facts, num_samples=cfg.num_samples,

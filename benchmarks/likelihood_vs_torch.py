@@ -1,12 +1,13 @@
 """(a) Likelihood scoring: jaxsft's scorer (A) against a plain PyTorch loop (B) over the same
 (prompt, continuation) pairs of N in-domain facts, SmolLM2-135M float32 (the embedded GGUF).
 
-A scores the pairs as `score` does (prompt pass once per prompt, continuation pass on the cached
-prompt, certified pruning at the config's `scoring.prune_epsilon`); B runs each pair's full
+A scores the pairs as `score` does: by default in the packed layout (each prompt with all its
+continuations in one row, exact); `--layout cached` for the prompt pass once per prompt, then the
+continuation pass on the cached prompt, with certified pruning at `scoring.prune_epsilon`. B runs each pair's full
 sequence through transformers, length-sorted batches, logits at the scored positions only. Both
 give log P_T(continuation | prompt); the largest difference on the unpruned pairs is recorded.
 
-    python benchmarks/likelihood_vs_torch.py [--facts 20] [--pairs 5] [--quick]
+    python benchmarks/likelihood_vs_torch.py [--facts 20] [--pairs 5] [--layout packed|cached] [--quick]
 """
 
 from __future__ import annotations
@@ -22,12 +23,15 @@ from scoring import torch_logprobs  # the plain loop of the agreement benchmark
 
 
 def main() -> None:
-    args = common.arguments(__doc__, facts=20).parse_args()
+    parser = common.arguments(__doc__, facts=20)
+    parser.add_argument("--layout", default="", help="packed | cached (default: the config's, resolved)")
+    args = parser.parse_args()
     if args.quick:
         args.facts, args.pairs = 2, 2
     from jaxsft import config as config_lib
     from jaxsft import models, tokenization
     from jaxsft.data import templates as templates_lib
+    from jaxsft import scoring
     from jaxsft.scoring import likelihood
 
     cfg = config_lib.default_config().scoring
@@ -38,7 +42,7 @@ def main() -> None:
     _, pairs = likelihood.fact_pairs(tokenizer, facts, templates_lib.completion_templates())
     hf = common.torch_model(path)
     options = dict(temperature=cfg.temperature, batch_size=cfg.batch_size, buckets=tuple(cfg.buckets),
-                   prune_epsilon=cfg.prune_epsilon)
+                   prune_epsilon=cfg.prune_epsilon, layout=args.layout or scoring.layout(cfg))
     stats: dict = {}
     outputs = {}
 

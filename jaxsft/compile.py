@@ -177,24 +177,38 @@ def train_program(cfg: ml_collections.ConfigDict, graphdef: nnx.GraphDef, params
 
 def score_program(cfg: ml_collections.ConfigDict, graphdef: nnx.GraphDef, params: nnx.State, mesh: Mesh
                   ) -> Program:
-    """The likelihood scorer's batch step: prompts prefilled once, their continuations teacher-forced
-    on the gathered KV cache, only scored positions unembedded; at its largest buckets."""
-    from jaxsft.scoring import likelihood
+    """The likelihood scorer's pass at its largest shapes: in the packed layout (the default
+    without a beam), rows of the longest prompt bucket plus the longest continuation; in the
+    cached layout, prompts prefilled once, their continuations teacher-forced on the gathered KV
+    cache, only scored positions unembedded."""
+    from jaxsft import scoring
+    from jaxsft.scoring import likelihood, packed
 
     s = cfg.scoring
     _check_batch("scoring.batch_size", s.batch_size, mesh)
-    prompts, items = s.batch_size, likelihood.ITEMS_PER_PROMPT * s.batch_size
-    prompt_len, cont_len = max(s.buckets), max(likelihood.CONTINUATION_BUCKETS)
-    step = likelihood._continuation_logprobs.__wrapped__  # the function under its nnx.jit
+    temperature = jax.ShapeDtypeStruct((), jnp.float32, sharding=NamedSharding(mesh, PartitionSpec()))
+    longest = max(s.buckets) + max(likelihood.CONTINUATION_BUCKETS)
+    if scoring.layout(s) == "packed":
+        ways = mesh.shape["data"] * mesh.shape["fsdp"]
+        rows = -(-max(s.batch_size // 4, 1) // ways) * ways  # `continuation_logprobs`' rows a pass
+        length = next((n for n in packed.ROW_LENGTHS if n >= longest), max(packed.ROW_LENGTHS))
+        step = packed._packed_pass.__wrapped__  # the function under its nnx.jit
+        args = ((placed(params, mesh),) + tuple(_batch(mesh, (rows, length)) for _ in range(4))
+                + (_batch(mesh, (rows, length // 2)), _batch(mesh, (rows, length)), _batch(mesh, (rows, length)),
+                   temperature))
+        what = f"{rows} packed rows x {length} tokens"
+    else:
+        prompts, items = s.batch_size, likelihood.ITEMS_PER_PROMPT * s.batch_size
+        prompt_len, cont_len = max(s.buckets), max(likelihood.CONTINUATION_BUCKETS)
+        step = likelihood._continuation_logprobs.__wrapped__
+        args = (placed(params, mesh), _batch(mesh, (prompts, prompt_len)), _batch(mesh, (prompts, prompt_len)),
+                _batch(mesh, (items,)), _batch(mesh, (items, cont_len)), _batch(mesh, (items, cont_len)), temperature)
+        what = f"{prompts} prompts x {prompt_len}, {items} continuations x {cont_len}"
 
     def fn(params, *batch):
         return step(nnx.merge(graphdef, params), *batch)
 
-    args = (placed(params, mesh), _batch(mesh, (prompts, prompt_len)), _batch(mesh, (prompts, prompt_len)),
-            _batch(mesh, (items,)), _batch(mesh, (items, cont_len)), _batch(mesh, (items, cont_len)),
-            jax.ShapeDtypeStruct((), jnp.float32, sharding=NamedSharding(mesh, PartitionSpec())))
-    return Program("score", f"{prompts} prompts x {prompt_len}, {items} continuations x {cont_len}",
-                   lambda: jax.jit(fn).lower(*args).compile(), fn, args)
+    return Program("score", what, lambda: jax.jit(fn).lower(*args).compile(), fn, args)
 
 
 def decode_token(params: nnx.State, cache: KVCache, token: jax.Array, *, graphdef: nnx.GraphDef

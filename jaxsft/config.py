@@ -57,6 +57,8 @@ def default_config() -> ml_collections.ConfigDict:
         prune_epsilon=1e-4,  # likelihood: skip continuations that cannot move a p_j by more (0: off)
         beam_width=0,  # likelihood: leads kept per depth, after which the answer is also looked for (0: off)
         beam_depth=0,  # likelihood: longest lead, in tokens (0: only answers at the start)
+        layout="auto",  # likelihood: packed (prompt and continuations in one row, exact) | cached | auto (packed
+        # without a beam, which needs cached)
     ))
 
     c.select = ml_collections.ConfigDict(dict(level="0", size="60", seed=0))  # level 0-4 | mixed; size | all
@@ -231,6 +233,7 @@ SCHEMA: dict[str, Field] = {
     "scoring.prune_epsilon": number(0),  # 0: score every continuation
     "scoring.beam_width": integer(0),
     "scoring.beam_depth": integer(0),
+    "scoring.layout": choice("auto", "packed", "cached"),
     "select.level": LEVEL,
     "select.size": SIZE,
     "select.seed": integer(0),
@@ -337,5 +340,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
         _fail(f"mesh.{leftover[-1]}", -1, f"a device count: at most one axis of -1, and mesh.{leftover[0]} is -1")
     if c.scoring.beam_depth and not c.scoring.beam_width:
         _fail("scoring.beam_width", 0, f"an integer >= 1 when scoring.beam_depth = {c.scoring.beam_depth}")
+    if c.scoring.beam_depth and c.scoring.layout == "packed":
+        _fail("scoring.layout", "packed", f"'cached' or 'auto' when scoring.beam_depth = {c.scoring.beam_depth}"
+              " (the packed layout scores no leads)")
     if c.train.batch_size % c.train.grad_accum:
         _fail("train.grad_accum", c.train.grad_accum, f"a divisor of train.batch_size ({c.train.batch_size})")

@@ -21,7 +21,7 @@ from jaxsft import config as config_lib
 from jaxsft import batching, generate, models, score, tokenization
 from jaxsft.data import templates as templates_lib
 from jaxsft.models.sharding import make_mesh
-from jaxsft.scoring import levels, likelihood, sampling, score_facts
+from jaxsft.scoring import levels, likelihood, packed, sampling, score_facts
 
 # Log-probabilities are float32 sums: a different batch shape may round them differently in the
 # last bits (1 ulp of -40 is 4e-6), so they agree within 1e-5 or 2 ulp; probabilities within 1e-7.
@@ -120,6 +120,39 @@ def test_invariant_to_batch_mates_padding_and_buckets(model, mesh, pairs, tokeni
                                            buckets=(12, 48), continuation_buckets=(3, 8), mesh=mesh)
     np.testing.assert_allclose(got[:len(pairs)], reference[order], atol=1e-5, rtol=RTOL)
     np.testing.assert_allclose(np.exp(got[:len(pairs)]), np.exp(reference[order]), atol=1e-7, rtol=0)
+
+
+@pytest.mark.parametrize("temperature", [0.7, 1.3])
+def test_packed_layout_equals_plain_computation(model, mesh, pairs, tokenizer, temperature):
+    """Every prompt with all its continuations in packed rows, several prompts a row (a 40-token
+    prompt among them), filler rows in the last pass; packing into 32- and 64-token rows puts that
+    prompt alone in a longer row."""
+    long_prompt = tuple(range(5, 45))
+    mixed = list(pairs) + [(long_prompt, (7, 8, 9)), (long_prompt, (11,))]
+    stats: dict = {}
+    got = likelihood.continuation_logprobs(model, mixed, temperature=temperature, batch_size=8, buckets=(16,),
+                                           mesh=mesh, layout="packed", stats=stats)
+    expected = [plain_logprob(model, p, c, temperature) for p, c in mixed]
+    np.testing.assert_allclose(got, expected, atol=1e-5, rtol=RTOL)
+    rows = packed.pack(mixed, (32, 64))
+    assert {r.length for r in rows} == {32, 64} and any(max(r.group) > 1 for r in rows)
+    assert stats["real_tokens"] == sum(len(r.ids) for r in packed.pack(mixed))
+    assert stats["packed_tokens"] > stats["real_tokens"]  # filler rows of the last pass
+
+
+def test_packed_layout_is_the_default_without_a_beam(model, mesh, tokenizer):
+    cfg = config_lib.default_config().scoring
+    cfg.update(batch_size=8, buckets=(16, 32))
+    stats: dict = {}
+    packed_scores = score_facts(model, tokenizer, FACTS, cfg, stats=stats)
+    assert stats["packed_calls"] > 0
+    cached = score_facts(model, tokenizer, FACTS, dict_config(cfg, layout="cached", prune_epsilon=0.0))
+    for a, b in zip(packed_scores, cached):
+        np.testing.assert_allclose(a["template_scores"], b["template_scores"], atol=1e-6)
+        assert a["level"] == b["level"]
+    with pytest.raises(ValueError, match="packed layout scores no leads"):
+        likelihood.continuation_logprobs(model, [((1, 2), (3,))], temperature=0.7, batch_size=8, buckets=(16,),
+                                         beam_width=2, beam_depth=1, stop_table=np.zeros(8, bool), layout="packed")
 
 
 def plain_next_logprobs(model, tokens, temperature):
@@ -249,9 +282,9 @@ def test_pruned_scores_and_levels(model, mesh, pairs, tokenizer):
     cfg = config_lib.default_config().scoring
     cfg.update(batch_size=8, buckets=(16, 32))
     epsilon = half_pruning_epsilon(model, pairs, dict(temperature=cfg.temperature, batch_size=8, buckets=(16, 32)))
-    exact = score_facts(model, tokenizer, FACTS, dict_config(cfg, prune_epsilon=0.0))
+    exact = score_facts(model, tokenizer, FACTS, dict_config(cfg, prune_epsilon=0.0, layout="cached"))
     stats: dict = {}
-    pruned = score_facts(model, tokenizer, FACTS, dict_config(cfg, prune_epsilon=epsilon), stats=stats)
+    pruned = score_facts(model, tokenizer, FACTS, dict_config(cfg, prune_epsilon=epsilon, layout="cached"), stats=stats)
     assert stats["pruned"] > 0
     for a, b in zip(exact, pruned):
         gap = np.subtract(a["template_scores"], b["template_scores"])

@@ -169,11 +169,14 @@ class Decoder(nnx.Module):
         return KVCache(zeros, zeros, jnp.zeros((batch, slots), bool), jnp.zeros((), jnp.int32))
 
     def hidden_states(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
-                      cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
+                      cache: KVCache | None = None, *, positions: jax.Array | None = None,
+                      attend: jax.Array | None = None) -> tuple[jax.Array, KVCache | None]:
         """Final-normed hidden states [B, T, E], and the updated cache when one is given.
 
         Positions count the unmasked tokens before each token (over the cache too), so left padding
         leaves real tokens unchanged. With a cache, the T new tokens fill slots [index, index + T).
+        Packed rows (no cache) give their own `positions` [B, T] and `attend` [B, T, T]: which keys
+        each query sees (several sequences in one row, each attending to its own tokens).
         """
         cfg = self.cfg
         B, T = input_ids.shape
@@ -184,10 +187,11 @@ class Decoder(nnx.Module):
             start = cache.index
             key_valid = jax.lax.dynamic_update_slice_in_dim(cache.valid, mask, start, axis=1)
             offset = cache.valid.sum(-1, keepdims=True, dtype=jnp.int32)
-        positions = offset + jnp.maximum(jnp.cumsum(mask, -1, dtype=jnp.int32) - 1, 0)
+        if positions is None:
+            positions = offset + jnp.maximum(jnp.cumsum(mask, -1, dtype=jnp.int32) - 1, 0)
         query_slot = start + jnp.arange(T)
         causal = jnp.arange(key_valid.shape[1])[None, :] <= query_slot[:, None]  # [T, S]
-        attn_mask = (causal[None] & key_valid[:, None, :])[:, None]  # [B, 1, T, S]
+        attn_mask = (causal[None] & key_valid[:, None, :] if attend is None else attend)[:, None]  # [B, 1, T, S]
         rope = rotary_embedding(cfg.rope, cfg.max_position_embeddings)
         cos_sin = rope.cos_sin(positions, key_valid.shape[1] - (start + T))
 

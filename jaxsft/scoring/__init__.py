@@ -19,6 +19,12 @@ METHODS = ("likelihood", "sampling")
 FACT_COLUMNS = ("id", "split", "relation", "subject", "question", "answers")
 
 
+def layout(cfg: ml_collections.ConfigDict) -> str:
+    """The likelihood scorer's layout: `scoring.layout`, where "auto" is packed without a beam."""
+    chosen = cfg.get("layout", "auto")
+    return ("cached" if cfg.get("beam_depth", 0) else "packed") if chosen == "auto" else chosen
+
+
 def template_scores(model: Decoder, tokenizer, facts: Sequence[Mapping], cfg: ml_collections.ConfigDict,
                     mesh: jax.sharding.Mesh | None = None,
                     progress: Callable[[float], None] | None = None, stats: dict | None = None) -> np.ndarray:
@@ -31,7 +37,7 @@ def template_scores(model: Decoder, tokenizer, facts: Sequence[Mapping], cfg: ml
             model, tokenizer, facts, temperature=cfg.temperature, batch_size=cfg.batch_size,
             buckets=tuple(cfg.buckets), prune_epsilon=cfg.get("prune_epsilon", 0.0),
             beam_width=cfg.get("beam_width", 0), beam_depth=cfg.get("beam_depth", 0), mesh=mesh, progress=progress,
-            stats=stats)
+            stats=stats, layout=layout(cfg))
     if cfg.method == "sampling":
         return sampling.template_hit_rates(
             model, tokenizer, facts, temperature=cfg.temperature, num_samples=cfg.num_samples,

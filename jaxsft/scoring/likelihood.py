@@ -28,7 +28,10 @@ that sampling does not: a completion where the alias is the start of a longer wo
 the p_j as the level the sampling protocol most likely gives (`levels.expected_level`), so that
 level 0 exists. `benchmarks/agreement.py` measures all of this against the protocol itself.
 
-How it runs. Two jitted passes per batch of prompts. The prompt pass prefills `batch_size`
+How it runs. Without a beam, by default (`scoring.layout = "auto"`), in the packed layout
+(`jaxsft.scoring.packed`): each prompt and all its continuations in one row, several prompts a row,
+one jitted pass per row batch; exact, so nothing is pruned. The cached layout (`layout="cached"`,
+which a beam needs) runs two jitted passes per batch of prompts. The prompt pass prefills `batch_size`
 distinct prompts, right-padded to a length bucket, and unembeds each prompt's last position once:
 that gives every continuation's first-token log-probability (single-token continuations are then
 done). The prompts' KV cache stays on the device; the continuation pass gathers it for each
@@ -40,7 +43,7 @@ the w most probable next tokens. A run compiles the prompt pass once per prompt 
 pass once per (prompt bucket, depth) and the continuation pass once per (prompt bucket,
 continuation bucket) used.
 
-Certified pruning (`prune_epsilon` = e > 0). A continuation's probability is at most its first
+Certified pruning (`prune_epsilon` = e > 0, cached layout). A continuation's probability is at most its first
 token's: P_T(c) <= P_T(c_1). The kept continuations of a template are disjoint events, so those
 starting with the same token t together have probability at most P_T(t). For each prompt, the
 groups of multi-token continuations are sorted by U_t = P_T(t) (known after the prompt pass) and
@@ -66,6 +69,7 @@ from jaxsft.data import answers as answers_lib
 from jaxsft.data import templates as templates_lib
 from jaxsft.models import Decoder, KVCache
 from jaxsft.models.sharding import batch_sharding, global_array, host_array
+from jaxsft.scoring import packed
 
 LEADS = ("", "the ")  # what may precede an alias in a completion and still count after normalisation
 _ARTICLES = ("a ", "an ", "the ")
@@ -266,9 +270,13 @@ def continuation_logprobs(model: Decoder, pairs: Sequence[Pair], *, temperature:
                           buckets: Sequence[int], continuation_buckets: Sequence[int] = CONTINUATION_BUCKETS,
                           items_per_call: int | None = None, prune_epsilon: float = 0.0, beam_width: int = 0,
                           beam_depth: int = 0, stop_table: np.ndarray | None = None,
-                          mesh: jax.sharding.Mesh | None = None, pad_id: int = 0,
+                          mesh: jax.sharding.Mesh | None = None, pad_id: int = 0, layout: str = "cached",
                           progress: Callable[[int], None] | None = None, stats: dict | None = None) -> np.ndarray:
     """log P_T(continuation | prompt) for each (prompt ids, continuation ids) pair, float64 [n].
+
+    `layout="packed"` scores each prompt with all its continuations in one packed row
+    (`jaxsft.scoring.packed`: exact, no pruning, no leads, `items_per_call` rows a pass); "cached"
+    (below) runs the prompt pass, then the continuation passes on the cached prompts.
 
     With `beam_depth` > 0, a pair's value also counts the continuation after each lead of a beam of
     `beam_width` leads per depth (`_lead_candidates`; a lead never holds a token of `stop_table`): the
@@ -289,6 +297,13 @@ def continuation_logprobs(model: Decoder, pairs: Sequence[Pair], *, temperature:
     if batch_size % shards:
         raise ValueError(f"batch_size {batch_size} is not a multiple of the {shards} data shards of the mesh")
     items_per_call = items_per_call or -(-max(batch_size // 4, 1) // shards) * shards
+    if layout == "packed":
+        if beam_depth:
+            raise ValueError("the packed layout scores no leads: use layout='cached' with a beam")
+        return packed.logprobs(model, pairs, temperature=temperature, rows_per_call=items_per_call, mesh=mesh,
+                               progress=progress, stats=stats)
+    if layout != "cached":
+        raise ValueError(f"unknown layout {layout!r}: 'cached' or 'packed'")
     place = (lambda x: global_array(x, batch_sharding(mesh, x.ndim))) if mesh is not None else jnp.asarray
     temperature = jnp.float32(temperature)
     width = beam_width if beam_depth else 0
