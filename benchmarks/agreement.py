@@ -1,6 +1,6 @@
 """Agreement of the likelihood scorer with the paper's full sampling protocol, on the real SmolLM2-135M.
 
-Two phases, both resumable:
+Phases (the first two resumable):
 
 1. `--phase protocol`: the protocol itself (21 templates x 10 samples, T = 0.7, at most 32 new
    tokens, stop at EOS / newline; `sampling.template_hit_rates`, our jit sampler) on N in-domain
@@ -13,14 +13,19 @@ Two phases, both resumable:
    cheapest relative, blind to the estimator under test); the protocol then runs on those whose
    greedy hit share is at least `--screen-share`, at most `--take` of them, into
    `results/agreement_enriched.jsonl.gz` (the screen's shares: `results/agreement_screen.json`).
-3. `--phase compare` (the default): the likelihood scorer on the same facts, against the protocol:
-   Spearman of R (all facts, facts with R > 0), exact and within-one level agreement, quadratic
-   weighted Cohen's kappa, the 5 x 5 confusion matrix, mean R of each, a calibration table of p_j
-   against the templates' hit shares, and the scorer's seconds per fact. -> `results/agreement.json`.
+3. `--phase compare` (the default): the likelihood scorer at each `--beams` setting on the same
+   facts, against the protocol, on all of them (the stratified sample) and on the random ones
+   alone: Spearman of R (all facts, facts with R > 0), exact and within-one level agreement,
+   quadratic weighted Cohen's kappa, the 5 x 5 confusion matrix, mean R of each, a calibration
+   table of p_j against the templates' hit shares, the scorer's seconds per fact, and the same
+   figures after one scale on p_j fitted on the other half of the facts (`cross_fitted`: what
+   calibration would buy). -> `results/agreement.json` (`--merge` keeps the other settings there).
+4. `--phase leads`: where the protocol's hits put the answer (words before it) -> `agreement_leads.json`.
+5. `--phase table`: the markdown table of `agreement.json`.
 
     python benchmarks/agreement.py --phase protocol --facts 240   # hours on 2 CPU cores; resumes
     python benchmarks/agreement.py --phase enrich --screen 800 --take 60   # resumes
-    python benchmarks/agreement.py [--leads 0,2,4]                # minutes
+    python benchmarks/agreement.py --beams 0x0,2x1,4x3            # minutes to an hour
 """
 
 from __future__ import annotations
@@ -189,6 +194,18 @@ def agreement(protocol_rates: np.ndarray, estimate: np.ndarray, samples: int) ->
         calibration=calibration)
 
 
+def cross_fitted(protocol_rates: np.ndarray, estimate: np.ndarray, seed: int = 0) -> tuple[np.ndarray, list[float]]:
+    """The estimate with one scale c on its p_j (min(1, c p_j)), c fitted on the other half of the
+    facts (2 folds, seeded) as mean R of the protocol / mean R of the estimate: what a small protocol
+    run on the same model would calibrate. An analysis of what calibration buys, not the library."""
+    fold = np.random.default_rng(seed).permutation(len(estimate)) % 2
+    scaled, scales = np.empty_like(estimate), []
+    for k in (0, 1):
+        scales.append(float(protocol_rates[fold != k].mean() / estimate[fold != k].mean()))
+        scaled[fold == k] = np.minimum(1.0, scales[-1] * estimate[fold == k])
+    return scaled, scales
+
+
 def compare(args, cfg, model, tokenizer) -> None:
     """The likelihood scorer at each beam setting, against the protocol's facts."""
     from jaxsft.scoring import likelihood
@@ -220,15 +237,25 @@ def compare(args, cfg, model, tokenizer) -> None:
                       protocol_over_estimate=protocol_seconds["ours"] / seconds,
                       generate_over_estimate=protocol_seconds["generate"] / seconds, work=work,
                       **agreement(protocol_rates, estimate, cfg.num_samples),
-                      random_sample=agreement(protocol_rates[random_part], estimate[random_part], cfg.num_samples))
-        print(json.dumps({k: v for k, v in result.items() if k not in ("calibration", "work", "random_sample")}),
-              flush=True)
+                      random_sample=agreement(protocol_rates[random_part], estimate[random_part], cfg.num_samples),
+                      r_estimate=estimate.mean(1).tolist())
+        scaled, scales = cross_fitted(protocol_rates, estimate)
+        result["cross_fitted"] = dict(scales=scales, **agreement(protocol_rates, scaled, cfg.num_samples),
+                                      random_sample=agreement(protocol_rates[random_part], scaled[random_part],
+                                                              cfg.num_samples))
+        print(json.dumps({k: v for k, v in result.items()
+                          if k not in ("calibration", "work", "random_sample", "r_estimate", "cross_fitted")}), flush=True)
         results.append(result)
         write(args, cfg, random_rows, enriched_rows, protocol_rates, protocol_seconds, results)  # after each setting: a long run keeps what it did
 
 
 def write(args, cfg, random_rows, enriched_rows, protocol_rates, protocol_seconds, results) -> None:
     rows = random_rows + enriched_rows
+    path = pathlib.Path(args.out or common.RESULTS / "agreement.json")
+    if args.merge and path.exists():  # keep the other settings' results (same facts)
+        ran = {(r["beam_width"], r["beam_depth"]) for r in results}
+        kept = [e for e in json.loads(path.read_text())["estimators"] if (e["beam_width"], e["beam_depth"]) not in ran]
+        results = sorted(kept + results, key=lambda e: e["seconds_per_fact"])
     common.write_json(dict(name="agreement", machine=common.machine(), load=common.load(),
                            protocol=dict(facts=len(rows), random_facts=len(random_rows),
                                          enriched_facts=len(enriched_rows), files=[PROTOCOL.name, ENRICHED.name],
@@ -236,7 +263,7 @@ def write(args, cfg, random_rows, enriched_rows, protocol_rates, protocol_second
                                          temperature=cfg.temperature, samples=cfg.num_samples,
                                          max_new_tokens=cfg.max_new_tokens, mean_r=float(protocol_rates.mean())),
                            prune_epsilon=cfg.prune_epsilon, estimators=results),
-                      args.out or common.RESULTS / "agreement.json")
+                      path)
 
 
 def table(path: pathlib.Path) -> str:
@@ -248,8 +275,13 @@ def table(path: pathlib.Path) -> str:
             "| exact level | within one | weighted kappa | Spearman R (all) | Spearman R (R > 0) | mean R / protocol's |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for e in result["estimators"]:
-        for name, a in ((f"all {p['facts']} (stratified)", e), (f"random {p['random_facts']}", e["random_sample"])):
-            lines.append(f"| {e['beam_width']} x {e['beam_depth']} | {name} | {e['seconds_per_fact']:.2f} "
+        samples = [("", f"all {p['facts']} (stratified)", e), ("", f"random {p['random_facts']}", e["random_sample"])]
+        if "cross_fitted" in e:
+            c = e["cross_fitted"]
+            samples += [(" + scale", f"all {p['facts']} (stratified)", c), (" + scale", f"random {p['random_facts']}",
+                                                                              c["random_sample"])]
+        for scaled, name, a in samples:
+            lines.append(f"| {e['beam_width']} x {e['beam_depth']}{scaled} | {name} | {e['seconds_per_fact']:.2f} "
                          f"({e['load']['per_core']:.2f}) | {e['generate_over_estimate']:.0f}x | {a['exact_level']:.3f} "
                          f"| {a['within_one_level']:.3f} | {a['weighted_kappa']:.3f} | {a['spearman_r']:.3f} "
                          f"| {a['spearman_r_hits']:.3f} | {a['mean_r']['ratio']:.2f} |")
@@ -265,6 +297,7 @@ def main() -> None:
     parser.add_argument("--screen", type=int, default=800, help="enrich: facts screened by greedy completions")
     parser.add_argument("--screen-share", type=float, default=0.25, help="enrich: greedy hit share to pass")
     parser.add_argument("--take", type=int, default=60, help="enrich: at most this many passed facts")
+    parser.add_argument("--merge", action="store_true", help="compare: keep the other beams' results in --out")
     parser.add_argument("--out", default="")
     args = parser.parse_args()
     if args.phase == "table":
