@@ -17,11 +17,10 @@ does not and is marked in the report. Levels 2-4 have a handful of test items or
 `eval.limit_per_level = 60` answers at most 60 test items per (role, level): the large cells are
 cut to 60, the others kept whole.
 
-Time on 2 idle cores, measured (`make demo`, 2026-11-29, the grid with 180 instead of 120 and
-32 / 12 facts per relation: 16 min 07 s): scoring 0.73 s per fact (234 s for 320 training facts,
-204 s for 288 test facts), training ~2.2 s per step of 8 rows (60 items: 21 s a cell, 180: 50 s),
-evaluation 10 s per model (13 with the baseline). This grid: 544 x 0.73 + 3 x (2 x 21 + 35 + 33)
-+ 13 x 10 = 397 + 330 + 130 = ~860 s (14.3 min) plus loading.
+Time on 2 idle cores, measured (`make demo`, 2026-11-29, from a fresh clone): 10 min 13 s. Scoring
+0.30 s per fact in the packed layout (164 s for 544 facts), training ~2.2 s per step of 8 rows (309 s
+for the 12 cells), evaluation ~10 s per model (134 s with the baseline), plus loading and compiling.
+(Before the packed layout, scoring took 0.72 s per fact and the demo 14 min 07 s.)
 
 Learning rate: the paper's 1e-5, kept because a sweep on training facts only chose it
 (benchmarks/lr_sweep.py): 60 level-0 facts, 1 epoch, batch 8, cosine, 2 seeds, 140 held-out

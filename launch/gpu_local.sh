@@ -19,8 +19,9 @@ Variables (defaults in brackets):
   WORKDIR               output directory [runs/<config name>]
   VENV                  virtualenv [.venv-gpu]
   PYTHON                interpreter that creates the venv (3.11+) [python3]
-  JAX                   system: keep PYTHON's packages (jax and its CUDA plugin, torch, ...), add
-                        only what jaxsft lacks, and warn where a kept version is not jaxsft's;
+  JAX                   system: keep PYTHON's jax, jaxlib and CUDA plugin (a warning where jaxsft pins
+                        another jax), and install into the venv what jaxsft lacks or needs newer,
+                        leaving PYTHON's own packages untouched;
                         cuda12 | cuda13: a new venv with jax[cudaNN] at jaxsft's pin;
                         auto: system if PYTHON's jax sees a GPU, else cuda12 [auto]
   CUDA_VISIBLE_DEVICES  GPUs to use [all]
@@ -70,7 +71,7 @@ step_install() {
     else
         "${PYTHON}" -m venv "${VENV}"
         py -m pip install --quiet --upgrade pip
-        py -m pip install --quiet -e "${REPO}" "jax[${JAX}]==$(py "${REPO}/launch/requirements.py" pin jax)"
+        py -m pip install --quiet -e "${REPO}" "jax[${JAX}]==$("${PYTHON}" "${REPO}/launch/requirements.py" pin jax)"
     fi
 }
 

@@ -8,20 +8,32 @@ file it writes; a warning where jaxsft pins another version), and prints one req
 for each other requirement that is missing or installed at a version jaxsft does not accept.
 """
 
+from __future__ import annotations
+
 import importlib.metadata as metadata
 import pathlib
 import re
 import sys
 import tomllib
 
-from packaging.requirements import Requirement
-
 PYPROJECT = pathlib.Path(__file__).resolve().parent.parent / "pyproject.toml"
 KEPT = re.compile(r"^(jax|jaxlib|jax[-_]cuda\d+[-_](plugin|pjrt))$")  # the machine's own jax stays
 
 
-def requirements() -> list[Requirement]:
-    return [Requirement(d) for d in tomllib.loads(PYPROJECT.read_text())["project"]["dependencies"]]
+def dependencies() -> list[str]:
+    return tomllib.loads(PYPROJECT.read_text())["project"]["dependencies"]
+
+
+def _requirement(text: str):
+    try:
+        from packaging.requirements import Requirement
+    except ImportError:  # pip vendors it
+        from pip._vendor.packaging.requirements import Requirement
+    return Requirement(text)
+
+
+def requirements() -> list:
+    return [_requirement(d) for d in dependencies()]
 
 
 def version(name: str) -> str | None:
@@ -31,12 +43,12 @@ def version(name: str) -> str | None:
         return None
 
 
-def satisfied(req: Requirement) -> bool:
+def satisfied(req) -> bool:
     """Installed at an accepted version, with the dependencies of its extras."""
     installed = version(req.name)
     if installed is None or not req.specifier.contains(installed, prereleases=True):
         return False
-    extras = [Requirement(r) for r in metadata.requires(req.name) or ()]
+    extras = [_requirement(r) for r in metadata.requires(req.name) or ()]
     return all(version(r.name) is not None for r in extras
                if r.marker and any(r.marker.evaluate({"extra": e}) for e in req.extras))
 
@@ -57,8 +69,8 @@ def plan(constraints: str) -> None:
 
 
 def pin(name: str) -> None:
-    req = next(r for r in requirements() if r.name == name)
-    print(next(s.version for s in req.specifier if s.operator == "=="))
+    """Needs no `packaging`: a plain interpreter runs it before any venv exists."""
+    print(next(m[1] for d in dependencies() if (m := re.fullmatch(rf"{re.escape(name)}\s*==\s*([\w.]+)", d))))
 
 
 if __name__ == "__main__":

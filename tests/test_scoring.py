@@ -18,8 +18,9 @@ import pytest
 from flax import nnx
 
 from jaxsft import config as config_lib
-from jaxsft import batching, generate, models, score, tokenization
+from jaxsft import batching, generate, models, score, scoring, tokenization
 from jaxsft.data import templates as templates_lib
+from jaxsft.errors import UserError
 from jaxsft.models.sharding import make_mesh
 from jaxsft.scoring import levels, likelihood, packed, sampling, score_facts
 
@@ -153,6 +154,11 @@ def test_packed_layout_is_the_default_without_a_beam(model, mesh, tokenizer):
     with pytest.raises(ValueError, match="packed layout scores no leads"):
         likelihood.continuation_logprobs(model, [((1, 2), (3,))], temperature=0.7, batch_size=8, buckets=(16,),
                                          beam_width=2, beam_depth=1, stop_table=np.zeros(8, bool), layout="packed")
+    assert scoring.layout(dict_config(cfg, beam_width=2, beam_depth=1)) == "cached"  # auto: a beam needs the cache
+    bad = config_lib.default_config()
+    bad.scoring.update(beam_width=2, beam_depth=1, layout="packed")
+    with pytest.raises(UserError, match="config.scoring.layout = 'packed'"):
+        config_lib.validate(bad)
 
 
 def plain_next_logprobs(model, tokens, temperature):

@@ -180,6 +180,8 @@ class Decoder(nnx.Module):
         """
         cfg = self.cfg
         B, T = input_ids.shape
+        if attend is not None and cache is not None:
+            raise ValueError("packed rows (attend) take no KV cache")
         mask = jnp.ones((B, T), bool) if attention_mask is None else attention_mask.astype(bool)
         if cache is None:
             key_valid, offset, start = mask, jnp.zeros((B, 1), jnp.int32), 0
