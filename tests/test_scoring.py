@@ -141,6 +141,24 @@ def test_packed_layout_equals_plain_computation(model, mesh, pairs, tokenizer, t
     assert stats["packed_tokens"] > stats["real_tokens"]  # filler rows of the last pass
 
 
+def test_packing_keeps_groups_whole_and_rows_within_bounds():
+    rng = np.random.default_rng(0)
+    pairs = [(prompt, tuple(rng.integers(5, 900, rng.integers(1, 7)).tolist()))
+             for prompt in {tuple(rng.integers(5, 900, rng.integers(4, 23)).tolist()) for _ in range(400)}
+             for _ in range(rng.integers(1, 8))]
+    rows = packed.pack(pairs)
+    queries = np.zeros(len(pairs), int)
+    for row in rows:
+        assert len(row.ids) <= row.length and len(row.scored) <= row.length // 2 and len(row.queries) <= row.length
+        for _, token, pair in row.queries:
+            queries[pair] += 1
+        starts = [k for k in range(len(row.ids)) if row.branch[k] == 0 and (k == 0 or row.group[k - 1] != row.group[k])]
+        assert len(starts) == max(row.group)  # each group's prompt once, contiguous
+    np.testing.assert_array_equal(queries, [len(c) for _, c in pairs])  # every token of every pair, once
+    assert sum(len(r.ids) for r in rows) / sum(r.length for r in rows) > 0.9  # prompts of the demo's lengths
+    assert {r.length for r in packed.pack(pairs + [(tuple(range(5, 105)), (7, 8))])} == {64, 128}  # a long one
+
+
 def test_packed_layout_is_the_default_without_a_beam(model, mesh, tokenizer):
     cfg = config_lib.default_config().scoring
     cfg.update(batch_size=8, buckets=(16, 32))
