@@ -233,7 +233,8 @@ def compare(args, cfg, model, tokenizer) -> None:
         begin = time.perf_counter()
         estimate = likelihood.template_probabilities(model, tokenizer, facts, **options, stats=work)
         seconds = (time.perf_counter() - begin) / len(facts)
-        result = dict(beam_width=width, beam_depth=depth, layout=options["layout"], seconds_per_fact=seconds, load=common.load(),
+        result = dict(beam_width=width, beam_depth=depth, layout=options["layout"], seconds_per_fact=seconds,
+                      load=common.load(),
                       protocol_over_estimate=protocol_seconds["ours"] / seconds,
                       generate_over_estimate=protocol_seconds["generate"] / seconds, work=work,
                       **agreement(protocol_rates, estimate, cfg.num_samples),
@@ -243,10 +244,12 @@ def compare(args, cfg, model, tokenizer) -> None:
         result["cross_fitted"] = dict(scales=scales, **agreement(protocol_rates, scaled, cfg.num_samples),
                                       random_sample=agreement(protocol_rates[random_part], scaled[random_part],
                                                               cfg.num_samples))
-        print(json.dumps({k: v for k, v in result.items()
-                          if k not in ("calibration", "work", "random_sample", "r_estimate", "cross_fitted")}), flush=True)
+        shown = {k: v for k, v in result.items()
+                 if k not in ("calibration", "work", "random_sample", "r_estimate", "cross_fitted")}
+        print(json.dumps(shown), flush=True)
         results.append(result)
-        write(args, cfg, random_rows, enriched_rows, protocol_rates, protocol_seconds, results)  # after each setting: a long run keeps what it did
+        # after each setting: a long run keeps what it did
+        write(args, cfg, random_rows, enriched_rows, protocol_rates, protocol_seconds, results)
 
 
 def write(args, cfg, random_rows, enriched_rows, protocol_rates, protocol_seconds, results) -> None:

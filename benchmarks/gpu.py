@@ -139,7 +139,7 @@ def likelihood(path, hf_dir, args, peak) -> dict:
                 mfu=mfu(timing, flops, peak))
 
 
-def greedy(path, hf_dir, real, args, peak) -> dict:
+def greedy(path, hf_dir, args, peak) -> dict:
     import jax.numpy as jnp
     import torch
     import transformers
@@ -175,7 +175,7 @@ def greedy(path, hf_dir, real, args, peak) -> dict:
                                                                       b=rows * new / timing["median_b"]),
                                     rows_agreeing=int((outputs["a"] == outputs["b"]).all(axis=1).sum()),
                                     mfu=mfu(timing, flops, peak))
-    return dict(real_weights=real, **out)
+    return out
 
 
 def main() -> None:
@@ -198,7 +198,7 @@ def main() -> None:
         result["real_weights"] = real
         workloads = dict(train=lambda: train(path, hf_dir, args, args.peak),
                          likelihood=lambda: likelihood(path, hf_dir, args, args.peak),
-                         greedy=lambda: greedy(path, hf_dir, real, args, args.peak))
+                         greedy=lambda: greedy(path, hf_dir, args, args.peak))
         for name in args.only.split(","):
             if name == "likelihood" and not real:
                 continue
@@ -214,7 +214,8 @@ def main() -> None:
         for shape, r in ({"": runs} if "timing" in runs else runs).items():
             if isinstance(r, dict) and "timing" in r:
                 t = r["timing"]
-                print(f"{name} {shape}: torch/ours {t['ratio_median']:.2f}x ({t['ratio_min']:.2f}-{t['ratio_max']:.2f}),"
+                print(f"{name} {shape}: torch/ours {t['ratio_median']:.2f}x "
+                      f"({t['ratio_min']:.2f}-{t['ratio_max']:.2f}),"
                       f" ours {t['median_a']:.4f} s, torch {t['median_b']:.4f} s, MFU ours {r['mfu']['a']:.1%},"
                       f" torch {r['mfu']['b']:.1%}", flush=True)
     common.report("gpu" if real else "gpu_random_weights", args, result)

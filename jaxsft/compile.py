@@ -189,8 +189,7 @@ def score_program(cfg: ml_collections.ConfigDict, graphdef: nnx.GraphDef, params
     temperature = jax.ShapeDtypeStruct((), jnp.float32, sharding=NamedSharding(mesh, PartitionSpec()))
     longest = max(s.buckets) + max(likelihood.CONTINUATION_BUCKETS)
     if scoring.layout(s) == "packed":
-        ways = mesh.shape["data"] * mesh.shape["fsdp"]
-        rows = -(-max(s.batch_size // 4, 1) // ways) * ways  # `continuation_logprobs`' rows a pass
+        rows = likelihood.default_items_per_call(s.batch_size, mesh.shape["data"] * mesh.shape["fsdp"])
         length = next((n for n in packed.ROW_LENGTHS if n >= longest), max(packed.ROW_LENGTHS))
         step = packed._packed_pass.__wrapped__  # the function under its nnx.jit
         args = ((placed(params, mesh),) + tuple(_batch(mesh, (rows, length)) for _ in range(4))

@@ -57,8 +57,7 @@ def default_config() -> ml_collections.ConfigDict:
         prune_epsilon=1e-4,  # likelihood: skip continuations that cannot move a p_j by more (0: off)
         beam_width=0,  # likelihood: leads kept per depth, after which the answer is also looked for (0: off)
         beam_depth=0,  # likelihood: longest lead, in tokens (0: only answers at the start)
-        layout="auto",  # likelihood: packed (prompt and continuations in one row, exact) | cached | auto (packed
-        # without a beam, which needs cached)
+        layout="auto",  # likelihood: packed (exact, one row per prompt group) | cached | auto (packed unless a beam)
     ))
 
     c.select = ml_collections.ConfigDict(dict(level="0", size="60", seed=0))  # level 0-4 | mixed; size | all

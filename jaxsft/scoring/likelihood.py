@@ -266,6 +266,12 @@ def _lead_candidates(model: Decoder, cache: KVCache, batch: _Batch, pairs: Seque
     return out
 
 
+def default_items_per_call(batch_size: int, shards: int) -> int:
+    """Rows a continuation (or packed) pass takes by default: a quarter of `batch_size`, rounded up
+    to a multiple of the mesh's data shards."""
+    return -(-max(batch_size // 4, 1) // shards) * shards
+
+
 def continuation_logprobs(model: Decoder, pairs: Sequence[Pair], *, temperature: float, batch_size: int,
                           buckets: Sequence[int], continuation_buckets: Sequence[int] = CONTINUATION_BUCKETS,
                           items_per_call: int | None = None, prune_epsilon: float = 0.0, beam_width: int = 0,
@@ -296,7 +302,7 @@ def continuation_logprobs(model: Decoder, pairs: Sequence[Pair], *, temperature:
     shards = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
     if batch_size % shards:
         raise ValueError(f"batch_size {batch_size} is not a multiple of the {shards} data shards of the mesh")
-    items_per_call = items_per_call or -(-max(batch_size // 4, 1) // shards) * shards
+    items_per_call = items_per_call or default_items_per_call(batch_size, shards)
     if layout == "packed":
         if beam_depth:
             raise ValueError("the packed layout scores no leads: use layout='cached' with a beam")
